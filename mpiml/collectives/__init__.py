@@ -1,0 +1,264 @@
+"""Collective operations over any MPI intracommunicator, with swappable algorithms.
+
+    from mpiml import collectives
+    collectives.allreduce(x, op="sum", algorithm="ring", comm=None)     # in place, returns x
+    collectives.reduce_scatter(x, op="sum", algorithm="ring", comm=None) # returns this rank's chunk (a view)
+    collectives.allgather(chunk, algorithm="ring", comm=None)           # returns a new 1-D buffer
+    collectives.broadcast(x, root=0, algorithm="mpi", comm=None)        # in place, returns x
+
+``x`` is a contiguous numpy array or CPU torch tensor of float16, float32,
+float64, int32, int64 or (torch) bfloat16, of any length; ops are "sum",
+"mean", "max", "min", "prod" (integer mean rounds down). ``ALGORITHMS`` maps
+names to implementations: "mpi" (the library's own), "ring", "tree",
+"butterfly".
+
+Every call first checks, with one small Allgather, that all ranks called the
+same collective with the same algorithm, op, dtype and length (and root). If
+they did not, or if any rank's arguments are invalid, *every* rank raises
+``CollectiveError`` naming what differed and on which ranks, instead of
+hanging or computing garbage. The algorithms then run on a private duplicate
+of ``comm``, so their messages never meet the caller's own.
+"""
+
+from __future__ import annotations
+
+import array
+import zlib
+from functools import lru_cache
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+from mpi4py import MPI
+
+from . import butterfly, mpi, ring, tree
+from ._buffers import DTYPES, E_ALGORITHM, E_ROOT, E_TYPE, ERROR_TEXT, OPS, Flat, InputError, flatten, like, reduction
+from ._chunks import chunk_bounds
+
+__all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "ALGORITHMS", "Algorithm", "CollectiveError",
+           "DTYPES", "OPS", "chunk_bounds"]
+
+
+class Algorithm(NamedTuple):
+    """One way of moving bytes; each function takes a 1-D numpy array and a communicator."""
+
+    allreduce: Callable[..., None]
+    reduce_scatter: Callable[..., tuple[int, int]]
+    allgather: Callable[..., None]
+    broadcast: Callable[..., None]
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    name: Algorithm(m.allreduce, m.reduce_scatter, m.allgather, m.broadcast)
+    for name, m in (("mpi", mpi), ("ring", ring), ("tree", tree), ("butterfly", butterfly))
+}
+
+
+class CollectiveError(ValueError):
+    """Raised on every rank when ranks disagree about a collective or one passed bad arguments."""
+
+
+# ---------------------------------------------------------------- private communicators
+
+_keyval: int | None = None
+
+
+def _drop_private(comm: MPI.Comm, keyval: int, private: MPI.Comm) -> None:
+    try:
+        private.Free()
+    except MPI.Exception:  # already gone during MPI_Finalize
+        pass
+
+
+def private_comm(comm: MPI.Comm | None) -> MPI.Comm:
+    """A duplicate of ``comm`` (COMM_WORLD if None), made once and cached on ``comm`` itself."""
+    global _keyval
+    comm = MPI.COMM_WORLD if comm is None else comm
+    if not isinstance(comm, MPI.Intracomm):
+        raise TypeError(f"comm must be an MPI intracommunicator, got {type(comm).__name__}")
+    if _keyval is None:
+        _keyval = MPI.Comm.Create_keyval(delete_fn=_drop_private)
+    private = comm.Get_attr(_keyval)
+    if private is None:
+        private = comm.Dup()
+        comm.Set_attr(_keyval, private)
+    return private
+
+
+# ---------------------------------------------------------------- agreement check
+
+_KINDS = ("allreduce", "reduce_scatter", "allgather", "broadcast")
+_FIELDS = ("collective", "algorithm", "op", "dtype", "length", "root")
+
+
+@lru_cache(maxsize=64)
+def _code(name: Any) -> int:
+    return zlib.crc32(name.encode()) if isinstance(name, str) else -1
+
+
+class _Args(NamedTuple):
+    kind: str
+    algorithm: str
+    op: str
+    flat: Flat | None
+    root: int
+    error: InputError | None
+
+
+def _agree(comm: MPI.Comm, args: _Args, same_length: bool = True) -> np.ndarray | None:
+    """Allgather every rank's call signature; raise CollectiveError on all ranks if they differ.
+
+    With ``same_length=False`` returns the (p, 7) int64 signature table
+    (column 4 holds each rank's length); otherwise None.
+    """
+    flat = args.flat
+    mine = array.array("q", (
+        _KINDS.index(args.kind),
+        _code(args.algorithm),
+        OPS.index(args.op) if args.op in OPS else -1,
+        DTYPES.index(flat.dtype) if flat is not None else -1,
+        flat.array.size if flat is not None else -1,
+        args.root,
+        args.error.code if args.error is not None else 0,
+    ))
+    p = comm.Get_size()
+    table = bytearray(len(mine) * mine.itemsize * p)
+    comm.Allgather([mine, MPI.INT64_T], [table, MPI.INT64_T])
+    if same_length and args.error is None and table == mine.tobytes() * p:
+        return None  # everyone agrees: the common case, decided without decoding anything
+    table = np.frombuffer(table, dtype=np.int64).reshape(p, len(mine))
+    problems = _describe(table, comm.Get_rank(), args, same_length)
+    if problems:
+        raise CollectiveError(f"{args.kind}: " + "; ".join(problems))
+    return table
+
+
+def _describe(table: np.ndarray, me: int, args: _Args, same_length: bool) -> list[str]:
+    problems = []
+    for rank in np.flatnonzero(table[:, 6]):
+        code = int(table[rank, 6])
+        text = f"rank {rank} passed {ERROR_TEXT.get(code, f'bad input (code {code})')}"
+        if rank == me and args.error is not None:
+            text += f" ({args.error})"
+        problems.append(text)
+    names = {_code(n): n for n in ALGORITHMS}
+    if isinstance(args.algorithm, str):
+        names[_code(args.algorithm)] = args.algorithm
+    decode = {
+        0: lambda c: _KINDS[c],
+        1: lambda c: repr(names.get(c, f"<algorithm #{c}>")),
+        2: lambda c: repr(OPS[c]) if c >= 0 else "an unknown op",
+        3: lambda c: DTYPES[c] if c >= 0 else "no valid buffer",
+        4: lambda c: str(c),
+        5: lambda c: str(c),
+    }
+    compared = [0, 1, 3, 5] + ([2] if args.kind in ("allreduce", "reduce_scatter") else []) + (
+        [4] if same_length else [])
+    for col in sorted(compared):
+        values = table[:, col]
+        if (values == values[0]).all():
+            continue
+        groups = {}
+        for rank, v in enumerate(values.tolist()):
+            groups.setdefault(v, []).append(rank)
+        detail = "; ".join(f"{decode[col](v)} on rank{'s' if len(r) > 1 else ''} {_ranks(r)}"
+                           for v, r in groups.items())
+        problems.append(f"ranks disagree on {_FIELDS[col]}: {detail}")
+    return problems
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ",".join(map(str, ranks)) if len(ranks) <= 8 else f"{ranks[0]}..{ranks[-1]} ({len(ranks)} ranks)"
+
+
+def _prepare(kind: str, x: Any, algorithm: str, op: str, root: int, comm: MPI.Comm, writeable: bool = True) -> _Args:
+    """Validate one rank's arguments without raising: errors travel through the agreement check."""
+    flat, error = None, None
+    try:
+        flat = flatten(x, writeable=writeable)
+        if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
+            raise InputError(f"unknown algorithm {algorithm!r}; choose from {', '.join(ALGORITHMS)}", E_ALGORITHM)
+        if kind in ("allreduce", "reduce_scatter"):
+            reduction(op, flat.dtype)
+        if not 0 <= root < comm.Get_size():
+            raise InputError(f"root {root} is not a rank of a communicator of size {comm.Get_size()}", E_ROOT)
+    except InputError as e:
+        error = e
+    except Exception as e:  # anything odd about the buffer is still reported collectively
+        error = InputError(f"{type(e).__name__}: {e}", E_TYPE)
+    return _Args(kind, algorithm, op, flat, root, error)
+
+
+# ---------------------------------------------------------------- public collectives
+
+
+def allreduce(x: Any, op: str = "sum", algorithm: str = "ring", comm: MPI.Comm | None = None) -> Any:
+    """Reduce ``x`` element-wise across all ranks of ``comm``, in place; returns ``x``.
+
+    Every rank ends with bitwise identical values. Raises CollectiveError on
+    every rank if the ranks disagree on algorithm, op, dtype or length, or
+    if any rank's arguments are invalid.
+    """
+    comm = private_comm(comm)
+    args = _prepare("allreduce", x, algorithm, op, 0, comm)
+    _agree(comm, args)
+    flat = args.flat
+    if flat.array.size:
+        ALGORITHMS[algorithm].allreduce(flat.array, reduction(op, flat.dtype), comm)
+    return x
+
+
+def reduce_scatter(x: Any, op: str = "sum", algorithm: str = "ring", comm: MPI.Comm | None = None) -> Any:
+    """Reduce ``x`` across ranks, leaving rank r's segment complete; returns that segment.
+
+    Segments follow ``chunk_bounds(len, p)`` over the flattened ``x`` (the
+    first ``len % p`` ranks get one element more). The returned segment is a
+    view into ``x``; the rest of ``x`` is used as scratch and left undefined.
+    """
+    comm = private_comm(comm)
+    args = _prepare("reduce_scatter", x, algorithm, op, 0, comm)
+    _agree(comm, args)
+    flat = args.flat
+    if flat.array.size:
+        lo, hi = ALGORITHMS[algorithm].reduce_scatter(flat.array, reduction(op, flat.dtype), comm)
+    else:
+        lo = hi = 0
+    return _view(flat, lo, hi)
+
+
+def allgather(chunk: Any, algorithm: str = "ring", comm: MPI.Comm | None = None) -> Any:
+    """Concatenate every rank's (flattened) ``chunk`` in rank order; returns a new 1-D buffer.
+
+    Chunks may have different lengths on different ranks; dtypes must agree.
+    The result is a numpy array or torch tensor, like ``chunk``.
+    """
+    comm = private_comm(comm)
+    args = _prepare("allgather", chunk, algorithm, "sum", 0, comm, writeable=False)
+    table = _agree(comm, args, same_length=False)
+    lengths = table[:, 4].tolist()
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    out, view = like(args.flat, bounds[-1])
+    r = comm.Get_rank()
+    view[bounds[r]:bounds[r + 1]] = args.flat.array
+    if bounds[-1]:
+        ALGORITHMS[algorithm].allgather(view, bounds, comm)
+    return out
+
+
+def broadcast(x: Any, root: int = 0, algorithm: str = "mpi", comm: MPI.Comm | None = None) -> Any:
+    """Copy ``x`` from rank ``root`` to every rank, in place; returns ``x``."""
+    comm = private_comm(comm)
+    args = _prepare("broadcast", x, algorithm, "sum", root, comm)
+    _agree(comm, args)
+    if args.flat.array.size:
+        ALGORITHMS[algorithm].broadcast(args.flat.array, root, comm)
+    return x
+
+
+def _view(flat: Flat, lo: int, hi: int) -> Any:
+    """Elements [lo, hi) of the flattened caller's buffer, as the caller's type."""
+    src = flat.source
+    if isinstance(src, np.ndarray):
+        return flat.array[lo:hi]
+    return src.detach().reshape(-1)[lo:hi]

@@ -1,0 +1,179 @@
+"""Buffers and reductions: what the algorithms operate on, without MPI.
+
+``flatten`` turns a caller's numpy array or CPU torch tensor into a 1-D numpy
+view of the *same memory* (no copy), tagged with a dtype name. torch
+``bfloat16`` has no numpy equivalent, so its view is ``uint16`` and its
+arithmetic is done by torch on the same bytes.
+
+``Reduction`` is the element-wise operator an algorithm applies to two
+chunks: ``combine(dst, src)`` leaves ``op(dst, src)`` in ``dst``, and
+``finalize(view, p)`` turns a completed sum into a mean for ``op="mean"``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+__all__ = ["DTYPES", "OPS", "Flat", "InputError", "Reduction", "flatten", "reduction", "like"]
+
+DTYPES: tuple[str, ...] = ("float16", "float32", "float64", "int32", "int64", "bfloat16")
+OPS: tuple[str, ...] = ("sum", "mean", "max", "min", "prod")
+
+_NUMPY_NAMES = {np.dtype(name): name for name in DTYPES if name != "bfloat16"}
+_NUMPY_UFUNCS = {"sum": np.add, "mean": np.add, "max": np.maximum, "min": np.minimum, "prod": np.multiply}
+
+
+class InputError(ValueError):
+    """A problem with one rank's arguments; ``code`` travels to the other ranks."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# Codes for InputError, shared with the agreement check in collectives/__init__.py.
+E_ALGORITHM, E_OP, E_TYPE, E_DTYPE, E_LAYOUT, E_ROOT = 1, 2, 3, 4, 5, 6
+ERROR_TEXT = {
+    E_ALGORITHM: "an unknown algorithm",
+    E_OP: "an unknown op",
+    E_TYPE: "a buffer that is neither a numpy array nor a CPU torch tensor",
+    E_DTYPE: "an unsupported dtype",
+    E_LAYOUT: "a buffer that is not contiguous or not writeable",
+    E_ROOT: "a root outside the communicator",
+}
+
+
+class Flat(NamedTuple):
+    """A 1-D view of a caller's buffer: ``array`` shares memory with ``source``."""
+
+    array: np.ndarray
+    dtype: str
+    source: Any
+
+
+def _torch() -> Any:
+    # torch is imported by the caller if they pass tensors; never import it for numpy users.
+    return sys.modules.get("torch")
+
+
+def flatten(x: Any, writeable: bool = True) -> Flat:
+    """A zero-copy 1-D view of ``x``; raises InputError naming what is wrong with it."""
+    if type(x) is np.ndarray:  # the common case, kept cheap (dtype.name alone costs ~1 us)
+        name = _NUMPY_NAMES.get(x.dtype)
+        flags = x.flags
+        if name is not None and flags.c_contiguous and (flags.writeable or not writeable):
+            return Flat(x.reshape(-1), name, x)
+    torch = _torch()
+    if torch is not None and isinstance(x, torch.Tensor):
+        return _flatten_tensor(x, torch)
+    if not isinstance(x, np.ndarray):
+        raise InputError(f"expected a numpy array or a CPU torch tensor, got {type(x).__name__}", E_TYPE)
+    name = _NUMPY_NAMES.get(x.dtype)
+    if name is None:
+        raise InputError(f"unsupported dtype {x.dtype}; supported: {', '.join(DTYPES)}", E_DTYPE)
+    if not (x.flags.c_contiguous or x.flags.f_contiguous):
+        raise InputError("array is not contiguous; collectives work in place on contiguous memory", E_LAYOUT)
+    if writeable and not x.flags.writeable:
+        raise InputError("array is read-only; this collective writes its result in place", E_LAYOUT)
+    return Flat(x.ravel(order="K"), name, x)
+
+
+def _flatten_tensor(x: Any, torch: Any) -> Flat:
+    if x.device.type != "cpu":
+        raise InputError(f"tensor is on {x.device}; mpiml collectives take CPU tensors", E_TYPE)
+    name = str(x.dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise InputError(f"unsupported dtype {name}; supported: {', '.join(DTYPES)}", E_DTYPE)
+    if not x.is_contiguous():
+        raise InputError("tensor is not contiguous; call .contiguous() first (the result is written in place)",
+                         E_LAYOUT)
+    flat = x.detach().reshape(-1)
+    if name == "bfloat16":
+        flat = flat.view(torch.uint16)
+    return Flat(flat.numpy(), name, x)
+
+
+def like(flat: Flat, n: int) -> tuple[Any, np.ndarray]:
+    """A new buffer of ``n`` elements of the same kind as ``flat.source`` and its 1-D numpy view."""
+    torch = _torch()
+    if torch is not None and isinstance(flat.source, torch.Tensor):
+        out = torch.empty(n, dtype=flat.source.dtype)
+        view = out.view(torch.uint16) if flat.dtype == "bfloat16" else out
+        return out, view.numpy()
+    out = np.empty(n, dtype=flat.array.dtype)
+    return out, out
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """The element-wise operator of one collective call."""
+
+    op: str
+    dtype: str
+    combine: Callable[[np.ndarray, np.ndarray], None]
+    finalize: Callable[[np.ndarray, int], None]
+
+
+def _no_finalize(view: np.ndarray, p: int) -> None:
+    return None
+
+
+def _numpy_combine(ufunc: Any) -> Callable[[np.ndarray, np.ndarray], None]:
+    def combine(dst: np.ndarray, src: np.ndarray) -> None:
+        ufunc(dst, src, out=dst)
+    return combine
+
+
+def _numpy_mean(integer: bool) -> Callable[[np.ndarray, int], None]:
+    divide = np.floor_divide if integer else np.divide
+
+    def finalize(view: np.ndarray, p: int) -> None:
+        if p > 1:
+            divide(view, p, out=view)
+    return finalize
+
+
+def _bf16_reduction(op: str) -> Reduction:
+    torch = _torch()
+    if torch is None:  # a uint16 view tagged bfloat16 can only come from a tensor
+        import torch
+    fn = {"sum": torch.add, "mean": torch.add, "max": torch.maximum, "min": torch.minimum, "prod": torch.mul}[op]
+
+    def as_bf16(a: np.ndarray) -> Any:
+        return torch.from_numpy(a).view(torch.bfloat16)
+
+    def combine(dst: np.ndarray, src: np.ndarray) -> None:
+        d = as_bf16(dst)
+        fn(d, as_bf16(src), out=d)
+
+    def finalize(view: np.ndarray, p: int) -> None:
+        if p > 1:
+            as_bf16(view).div_(p)
+
+    return Reduction(op, "bfloat16", combine, finalize if op == "mean" else _no_finalize)
+
+
+_CACHE: dict[tuple[str, str], Reduction] = {}
+
+
+def reduction(op: str, dtype: str) -> Reduction:
+    """The Reduction for ``op`` on ``dtype``; raises InputError for unknown ones."""
+    key = (op, dtype)
+    red = _CACHE.get(key)
+    if red is not None:
+        return red
+    if op not in OPS:
+        raise InputError(f"unknown op {op!r}; choose from {', '.join(OPS)}", E_OP)
+    if dtype not in DTYPES:
+        raise InputError(f"unsupported dtype {dtype}; supported: {', '.join(DTYPES)}", E_DTYPE)
+    if dtype == "bfloat16":
+        red = _bf16_reduction(op)
+    else:
+        finalize = _numpy_mean(dtype.startswith("int")) if op == "mean" else _no_finalize
+        red = Reduction(op, dtype, _numpy_combine(_NUMPY_UFUNCS[op]), finalize)
+    _CACHE[key] = red
+    return red
