@@ -39,10 +39,11 @@ from ._buffers import Reduction
 from ._chunks import chunk_bounds, num_pieces, pieces
 from ._schedule import DIRECT, FINAL, REDUCE, Schedule, Step, exchange, recv, run, send
 
-__all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "CHUNK_BYTES", "SMALL_BYTES"]
+__all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "CHUNK_BYTES", "SMALL_BYTES", "DEPTH"]
 
-CHUNK_BYTES = 256 * 1024
+CHUNK_BYTES = 256 * 1024  # tuned at 2 ranks (see README)
 SMALL_BYTES = 16 * 1024
+DEPTH = 2
 
 
 class _Fold:
@@ -113,11 +114,12 @@ def _survivor_blocks(f: _Fold, bounds: list[int]) -> list[int]:
 
 
 @lru_cache(maxsize=256)
-def _allreduce_schedule(n: int, itemsize: int, p: int, r: int, chunk_bytes: int, small_bytes: int) -> Schedule:
+def _allreduce_schedule(n: int, itemsize: int, p: int, r: int, chunk_bytes: int, small_bytes: int,
+                        depth: int) -> Schedule:
     f, piece = _Fold(r, p), max(1, chunk_bytes // itemsize)
     if f.v < 0:  # folded: hand over the vector, get the answer back
         return Schedule(exchange(f.partner, 0, n, -1, 0, 0, 0, piece) +
-                        exchange(-1, 0, 0, f.partner, 0, n, DIRECT, piece))
+                        exchange(-1, 0, 0, f.partner, 0, n, DIRECT, piece), depth)
     steps = exchange(-1, 0, 0, f.partner, 0, n, REDUCE, piece) if f.partner >= 0 else []
     if n * itemsize < small_bytes:
         steps += _whole_doubling(f, n, piece)
@@ -126,41 +128,41 @@ def _allreduce_schedule(n: int, itemsize: int, p: int, r: int, chunk_bytes: int,
         steps += _halving(f, blocks, piece) + _doubling(f, blocks, piece)
     if f.partner >= 0:
         steps += exchange(f.partner, 0, n, -1, 0, 0, 0, piece)
-    return Schedule(steps)
+    return Schedule(steps, depth)
 
 
 @lru_cache(maxsize=256)
-def _reduce_scatter_schedule(n: int, itemsize: int, p: int, r: int, chunk_bytes: int) -> Schedule:
+def _reduce_scatter_schedule(n: int, itemsize: int, p: int, r: int, chunk_bytes: int, depth: int) -> Schedule:
     f, piece = _Fold(r, p), max(1, chunk_bytes // itemsize)
     bounds = chunk_bounds(n, p)
     if f.v < 0:
         return Schedule(exchange(f.partner, 0, n, -1, 0, 0, 0, piece) +
-                        exchange(-1, 0, 0, f.partner, bounds[r], bounds[r + 1], DIRECT, piece))
+                        exchange(-1, 0, 0, f.partner, bounds[r], bounds[r + 1], DIRECT, piece), depth)
     steps = exchange(-1, 0, 0, f.partner, 0, n, REDUCE, piece) if f.partner >= 0 else []
     steps += _halving(f, _survivor_blocks(f, bounds), piece)
     if f.partner >= 0:
         steps += exchange(f.partner, bounds[f.partner], bounds[f.partner + 1], -1, 0, 0, 0, piece)
-    return Schedule(steps)
+    return Schedule(steps, depth)
 
 
 @lru_cache(maxsize=256)
-def _allgather_schedule(bounds: tuple[int, ...], itemsize: int, r: int, chunk_bytes: int) -> Schedule:
+def _allgather_schedule(bounds: tuple[int, ...], itemsize: int, r: int, chunk_bytes: int, depth: int) -> Schedule:
     p, n = len(bounds) - 1, bounds[-1]
     f, piece = _Fold(r, p), max(1, chunk_bytes // itemsize)
     if f.v < 0:
         return Schedule(exchange(f.partner, bounds[r], bounds[r + 1], -1, 0, 0, 0, piece) +
-                        exchange(-1, 0, 0, f.partner, 0, n, DIRECT, piece))
+                        exchange(-1, 0, 0, f.partner, 0, n, DIRECT, piece), depth)
     steps = []
     if f.partner >= 0:
         steps += exchange(-1, 0, 0, f.partner, bounds[f.partner], bounds[f.partner + 1], DIRECT, piece)
     steps += _doubling(f, _survivor_blocks(f, list(bounds)), piece)
     if f.partner >= 0:
         steps += exchange(f.partner, 0, n, -1, 0, 0, 0, piece)
-    return Schedule(steps)
+    return Schedule(steps, depth)
 
 
 @lru_cache(maxsize=256)
-def _broadcast_schedule(n: int, itemsize: int, p: int, r: int, root: int, chunk_bytes: int) -> Schedule:
+def _broadcast_schedule(n: int, itemsize: int, p: int, r: int, root: int, chunk_bytes: int, depth: int) -> Schedule:
     v = (r - root) % p
     parent, mask = -1, 1
     while mask < p:
@@ -179,14 +181,14 @@ def _broadcast_schedule(n: int, itemsize: int, p: int, r: int, root: int, chunk_
         if parent >= 0:
             steps.append(recv(parent, lo, hi, DIRECT))
         steps += [send(c, lo, hi) for c in children]
-    return Schedule(steps)
+    return Schedule(steps, depth)
 
 
 def allreduce(a: np.ndarray, red: Reduction, comm: Any) -> None:
     """Reduce the 1-D array ``a`` across ``comm`` in place."""
     p, r = comm.Get_size(), comm.Get_rank()
     if p > 1:
-        run(comm, a, _allreduce_schedule(a.size, a.itemsize, p, r, CHUNK_BYTES, SMALL_BYTES), red)
+        run(comm, a, _allreduce_schedule(a.size, a.itemsize, p, r, CHUNK_BYTES, SMALL_BYTES, DEPTH), red)
 
 
 def reduce_scatter(a: np.ndarray, red: Reduction, comm: Any) -> tuple[int, int]:
@@ -194,18 +196,18 @@ def reduce_scatter(a: np.ndarray, red: Reduction, comm: Any) -> tuple[int, int]:
     p, r = comm.Get_size(), comm.Get_rank()
     bounds = chunk_bounds(a.size, p)
     if p > 1:
-        run(comm, a, _reduce_scatter_schedule(a.size, a.itemsize, p, r, CHUNK_BYTES), red)
+        run(comm, a, _reduce_scatter_schedule(a.size, a.itemsize, p, r, CHUNK_BYTES, DEPTH), red)
     return bounds[r], bounds[r + 1]
 
 
 def allgather(out: np.ndarray, bounds: list[int], comm: Any) -> None:
     """Fill ``out`` from every rank's segment (own one already in place)."""
     if comm.Get_size() > 1:
-        run(comm, out, _allgather_schedule(tuple(bounds), out.itemsize, comm.Get_rank(), CHUNK_BYTES), None)
+        run(comm, out, _allgather_schedule(tuple(bounds), out.itemsize, comm.Get_rank(), CHUNK_BYTES, DEPTH), None)
 
 
 def broadcast(a: np.ndarray, root: int, comm: Any) -> None:
     """Binomial-tree broadcast from ``root``, pipelined in chunks."""
     p, r = comm.Get_size(), comm.Get_rank()
     if p > 1:
-        run(comm, a, _broadcast_schedule(a.size, a.itemsize, p, r, root, CHUNK_BYTES), None)
+        run(comm, a, _broadcast_schedule(a.size, a.itemsize, p, r, root, CHUNK_BYTES, DEPTH), None)

@@ -34,10 +34,11 @@ from ._buffers import Reduction
 from ._chunks import chunk_bounds, num_pieces, pieces
 from ._schedule import DIRECT, FINAL, REDUCE, Schedule, Step, recv, run, send
 
-__all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "CHUNK_BYTES", "WINDOW"]
+__all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "CHUNK_BYTES", "WINDOW", "DEPTH"]
 
-CHUNK_BYTES = 256 * 1024
-WINDOW = 4
+CHUNK_BYTES = 256 * 1024  # tuned at 2 ranks with scripts/tune_chunks.py (see README)
+WINDOW = 16
+DEPTH = 2
 
 
 def _chunk_pieces(bounds: list[int], piece: int) -> list[list[tuple[int, int]]]:
@@ -71,7 +72,8 @@ def _piece(itemsize: int, chunk_bytes: int) -> int:
 
 
 @lru_cache(maxsize=256)
-def _allreduce_schedule(n: int, itemsize: int, p: int, r: int, chunk_bytes: int, window: int) -> Schedule:
+def _allreduce_schedule(n: int, itemsize: int, p: int, r: int, chunk_bytes: int, window: int,
+                        depth: int) -> Schedule:
     segs = _chunk_pieces(chunk_bounds(n, p), _piece(itemsize, chunk_bytes))
     ncols = len(segs[0])
     steps: list[Step] = []
@@ -79,19 +81,20 @@ def _allreduce_schedule(n: int, itemsize: int, p: int, r: int, chunk_bytes: int,
         cols = range(start, min(start + window, ncols))
         steps += _reduce_scatter_steps(segs, r, p, cols)
         steps += _allgather_steps(segs, r, p, cols)
-    return Schedule(steps)
+    return Schedule(steps, depth)
 
 
 @lru_cache(maxsize=256)
-def _phase_schedule(bounds: tuple[int, ...], itemsize: int, r: int, chunk_bytes: int, gather: bool) -> Schedule:
+def _phase_schedule(bounds: tuple[int, ...], itemsize: int, r: int, chunk_bytes: int, gather: bool,
+                    depth: int) -> Schedule:
     p = len(bounds) - 1
     segs = _chunk_pieces(list(bounds), _piece(itemsize, chunk_bytes))
     phase = _allgather_steps if gather else _reduce_scatter_steps
-    return Schedule(phase(segs, r, p, range(len(segs[0]))))
+    return Schedule(phase(segs, r, p, range(len(segs[0]))), depth)
 
 
 @lru_cache(maxsize=256)
-def _broadcast_schedule(n: int, itemsize: int, p: int, r: int, root: int, chunk_bytes: int) -> Schedule:
+def _broadcast_schedule(n: int, itemsize: int, p: int, r: int, root: int, chunk_bytes: int, depth: int) -> Schedule:
     v = (r - root) % p
     prev = (r - 1) % p if v > 0 else -1
     nxt = (r + 1) % p if v < p - 1 else -1
@@ -101,14 +104,14 @@ def _broadcast_schedule(n: int, itemsize: int, p: int, r: int, root: int, chunk_
             steps.append(recv(prev, lo, hi, DIRECT))
         if nxt >= 0:
             steps.append(send(nxt, lo, hi))
-    return Schedule(steps)
+    return Schedule(steps, depth)
 
 
 def allreduce(a: np.ndarray, red: Reduction, comm: Any) -> None:
     """Reduce the 1-D array ``a`` across ``comm`` in place."""
     p, r = comm.Get_size(), comm.Get_rank()
     if p > 1:
-        run(comm, a, _allreduce_schedule(a.size, a.itemsize, p, r, CHUNK_BYTES, WINDOW), red)
+        run(comm, a, _allreduce_schedule(a.size, a.itemsize, p, r, CHUNK_BYTES, WINDOW, DEPTH), red)
 
 
 def reduce_scatter(a: np.ndarray, red: Reduction, comm: Any) -> tuple[int, int]:
@@ -119,7 +122,7 @@ def reduce_scatter(a: np.ndarray, red: Reduction, comm: Any) -> tuple[int, int]:
     p, r = comm.Get_size(), comm.Get_rank()
     bounds = tuple(chunk_bounds(a.size, p))
     if p > 1:
-        run(comm, a, _phase_schedule(bounds, a.itemsize, r, CHUNK_BYTES, False), red)
+        run(comm, a, _phase_schedule(bounds, a.itemsize, r, CHUNK_BYTES, False, DEPTH), red)
     return bounds[r], bounds[r + 1]
 
 
@@ -127,11 +130,11 @@ def allgather(out: np.ndarray, bounds: list[int], comm: Any) -> None:
     """Fill ``out`` from every rank's segment ``bounds[i]:bounds[i+1]`` (own one already in place)."""
     p, r = comm.Get_size(), comm.Get_rank()
     if p > 1:
-        run(comm, out, _phase_schedule(tuple(bounds), out.itemsize, r, CHUNK_BYTES, True), None)
+        run(comm, out, _phase_schedule(tuple(bounds), out.itemsize, r, CHUNK_BYTES, True, DEPTH), None)
 
 
 def broadcast(a: np.ndarray, root: int, comm: Any) -> None:
     """Pipelined chain: root -> root+1 -> ... -> root-1, one chunk behind the other."""
     p, r = comm.Get_size(), comm.Get_rank()
     if p > 1:
-        run(comm, a, _broadcast_schedule(a.size, a.itemsize, p, r, root, CHUNK_BYTES), None)
+        run(comm, a, _broadcast_schedule(a.size, a.itemsize, p, r, root, CHUNK_BYTES, DEPTH), None)

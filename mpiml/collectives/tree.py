@@ -31,9 +31,10 @@ from ._buffers import Reduction
 from ._chunks import chunk_bounds, num_pieces, pieces
 from ._schedule import DIRECT, FINAL, REDUCE, Schedule, Step, exchange, recv, run, send
 
-__all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "CHUNK_BYTES"]
+__all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "CHUNK_BYTES", "DEPTH"]
 
-CHUNK_BYTES = 128 * 1024
+CHUNK_BYTES = 512 * 1024  # tuned at 2 ranks (see README)
+DEPTH = 4
 
 
 class _Node:
@@ -87,13 +88,13 @@ def _updown(nodes: list[_Node], chunks: list[tuple[int, int]], up: bool, down: b
 
 
 @lru_cache(maxsize=256)
-def _allreduce_schedule(n: int, itemsize: int, p: int, r: int, chunk_bytes: int) -> Schedule:
+def _allreduce_schedule(n: int, itemsize: int, p: int, r: int, chunk_bytes: int, depth: int) -> Schedule:
     trees = [_Node(r, p, 0), _Node(r, p, 0, mirrored=True)]
-    return Schedule(_updown(trees, _chunks(n, itemsize, chunk_bytes), True, True))
+    return Schedule(_updown(trees, _chunks(n, itemsize, chunk_bytes), True, True), depth)
 
 
 @lru_cache(maxsize=256)
-def _reduce_scatter_schedule(n: int, itemsize: int, p: int, r: int, chunk_bytes: int) -> Schedule:
+def _reduce_scatter_schedule(n: int, itemsize: int, p: int, r: int, chunk_bytes: int, depth: int) -> Schedule:
     bounds = chunk_bounds(n, p)
     node = _Node(r, p, 0)
     steps = _updown([node], _chunks(n, itemsize, chunk_bytes), True, False)
@@ -103,11 +104,11 @@ def _reduce_scatter_schedule(n: int, itemsize: int, p: int, r: int, chunk_bytes:
             steps += exchange(i, bounds[i], bounds[i + 1], -1, 0, 0, 0, piece)
     else:
         steps += exchange(-1, 0, 0, 0, bounds[r], bounds[r + 1], DIRECT, piece)
-    return Schedule(steps)
+    return Schedule(steps, depth)
 
 
 @lru_cache(maxsize=256)
-def _allgather_schedule(bounds: tuple[int, ...], itemsize: int, r: int, chunk_bytes: int) -> Schedule:
+def _allgather_schedule(bounds: tuple[int, ...], itemsize: int, r: int, chunk_bytes: int, depth: int) -> Schedule:
     p = len(bounds) - 1
     piece = max(1, chunk_bytes // itemsize)
     node = _Node(r, p, 0)
@@ -117,19 +118,19 @@ def _allgather_schedule(bounds: tuple[int, ...], itemsize: int, r: int, chunk_by
             steps += exchange(-1, 0, 0, i, bounds[i], bounds[i + 1], DIRECT, piece)
     else:
         steps += exchange(0, bounds[r], bounds[r + 1], -1, 0, 0, 0, piece)
-    return Schedule(steps + _updown([node], _chunks(bounds[-1], itemsize, chunk_bytes), False, True))
+    return Schedule(steps + _updown([node], _chunks(bounds[-1], itemsize, chunk_bytes), False, True), depth)
 
 
 @lru_cache(maxsize=256)
-def _broadcast_schedule(n: int, itemsize: int, p: int, r: int, root: int, chunk_bytes: int) -> Schedule:
-    return Schedule(_updown([_Node(r, p, root)], _chunks(n, itemsize, chunk_bytes), False, True))
+def _broadcast_schedule(n: int, itemsize: int, p: int, r: int, root: int, chunk_bytes: int, depth: int) -> Schedule:
+    return Schedule(_updown([_Node(r, p, root)], _chunks(n, itemsize, chunk_bytes), False, True), depth)
 
 
 def allreduce(a: np.ndarray, red: Reduction, comm: Any) -> None:
     """Reduce the 1-D array ``a`` across ``comm`` in place (tree rooted at rank 0)."""
     p, r = comm.Get_size(), comm.Get_rank()
     if p > 1:
-        run(comm, a, _allreduce_schedule(a.size, a.itemsize, p, r, CHUNK_BYTES), red)
+        run(comm, a, _allreduce_schedule(a.size, a.itemsize, p, r, CHUNK_BYTES, DEPTH), red)
 
 
 def reduce_scatter(a: np.ndarray, red: Reduction, comm: Any) -> tuple[int, int]:
@@ -137,18 +138,18 @@ def reduce_scatter(a: np.ndarray, red: Reduction, comm: Any) -> tuple[int, int]:
     p, r = comm.Get_size(), comm.Get_rank()
     bounds = chunk_bounds(a.size, p)
     if p > 1:
-        run(comm, a, _reduce_scatter_schedule(a.size, a.itemsize, p, r, CHUNK_BYTES), red)
+        run(comm, a, _reduce_scatter_schedule(a.size, a.itemsize, p, r, CHUNK_BYTES, DEPTH), red)
     return bounds[r], bounds[r + 1]
 
 
 def allgather(out: np.ndarray, bounds: list[int], comm: Any) -> None:
     """Every rank sends its segment to rank 0, which broadcasts the whole down the tree."""
     if comm.Get_size() > 1:
-        run(comm, out, _allgather_schedule(tuple(bounds), out.itemsize, comm.Get_rank(), CHUNK_BYTES), None)
+        run(comm, out, _allgather_schedule(tuple(bounds), out.itemsize, comm.Get_rank(), CHUNK_BYTES, DEPTH), None)
 
 
 def broadcast(a: np.ndarray, root: int, comm: Any) -> None:
     """Pipelined binary-tree broadcast from ``root``."""
     p, r = comm.Get_size(), comm.Get_rank()
     if p > 1:
-        run(comm, a, _broadcast_schedule(a.size, a.itemsize, p, r, root, CHUNK_BYTES), None)
+        run(comm, a, _broadcast_schedule(a.size, a.itemsize, p, r, root, CHUNK_BYTES, DEPTH), None)
