@@ -17,7 +17,7 @@ export OMP_NUM_THREADS := 1
 MPI_TEST_TIMEOUT ?= 600
 PYTEST_MPI := -m mpi4py -m pytest --with-mpi -q --color=no -p no:cacheprovider tests/mpi
 
-.PHONY: install install-openmpi test test-unit test-mpi test-openmpi bench train lint clean
+.PHONY: install install-openmpi test test-unit test-mpi test-openmpi bench train accuracy lint clean
 
 install: $(VENV)/.installed
 install-openmpi: $(OMPI_VENV)/.installed
@@ -59,6 +59,14 @@ test-openmpi: install-openmpi
 
 bench: install
 	$(VENV)/bin/mpiexec -n 2 $(VENV)/bin/python -m mpiml.bench allreduce
+
+# A default job: 2 ranks, ring allreduce, an MLP on the bundled digits set. Extra flags: make train ARGS="--topology tree"
+train: install
+	$(VENV)/bin/mpiexec -n 2 $(VENV)/bin/python -m mpiml.train $(ARGS)
+
+# The README's accuracy table: every topology at 1, 2 and 4 ranks (4 is oversubscribed on 2 cores; fine for accuracy).
+accuracy: install
+	$(VENV)/bin/python scripts/accuracy_table.py --json out/accuracy.json
 
 lint: install
 	$(VENV)/bin/pip install -q ruff

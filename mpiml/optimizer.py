@@ -1,0 +1,276 @@
+"""``DistributedOptimizer``: a model's gradients in one flat buffer, combined by a topology before each step.
+
+    opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, topology="ring")
+    mpiml.broadcast_parameters(model, root=0)
+    mpiml.broadcast_optimizer_state(opt, root=0)
+    ...
+    loss.backward(); opt.step(); opt.zero_grad()
+
+Parameters and ``.grad`` become views into one flat buffer per dtype, so
+combining all gradients is one collective on one array, with no copy.
+Exact topologies (``mpi``, ``ring``, ``tree``, ``butterfly``) average the
+gradients before the wrapped optimizer steps, so every replica stays
+identical. ``butterfly-mixing`` steps on the local gradient, then averages
+parameters with one partner (see ``mpiml.mixing``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from . import collectives, mixing
+from .runtime import UserError
+
+__all__ = ["DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state", "parameters_sha256",
+           "TOPOLOGIES", "EXACT_TOPOLOGIES"]
+
+EXACT_TOPOLOGIES = ("mpi", "ring", "tree", "butterfly")
+TOPOLOGIES = EXACT_TOPOLOGIES + ("butterfly-mixing",)
+
+
+class _FlatGroup:
+    """Tensors of one dtype laid out back to back in one buffer."""
+
+    def __init__(self, shapes: list[torch.Size], dtype: torch.dtype) -> None:
+        self.shapes = shapes
+        self.offsets = [0]
+        for s in shapes:
+            self.offsets.append(self.offsets[-1] + s.numel())
+        self.buffer = torch.zeros(self.offsets[-1], dtype=dtype)
+
+    def view(self, i: int) -> torch.Tensor:
+        return self.buffer[self.offsets[i]:self.offsets[i + 1]].view(self.shapes[i])
+
+
+def _grouped(params: list[torch.nn.Parameter]) -> dict[torch.dtype, list[int]]:
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault(p.dtype, []).append(i)
+    return groups
+
+
+class DistributedOptimizer(torch.optim.Optimizer):
+    """Wraps a torch optimizer; ``step()`` first combines gradients across ranks through ``topology``.
+
+    ``backward_passes_per_step``: gradients of that many backward passes are
+    accumulated locally before one combined step (call ``step()`` once after
+    them). ``zero_grad()`` zeroes the flat gradient buffer in place (the
+    ``.grad`` views must survive, so ``set_to_none`` is ignored). Parameters
+    that got no gradient on some rank count as zero there.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None,
+                 topology: str = "ring", backward_passes_per_step: int = 1, comm: MPI.Comm | None = None) -> None:
+        if topology not in TOPOLOGIES:
+            raise UserError(f"unknown topology {topology!r}; choose from {', '.join(TOPOLOGIES)}")
+        if backward_passes_per_step < 1:
+            raise UserError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
+        self._inner: torch.optim.Optimizer | None = None
+        # Optimizer's own constructor sets up hooks; its throwaway groups never reach the wrapped optimizer.
+        super().__init__([torch.zeros(0, requires_grad=True)], {})
+        self._inner = optimizer
+        self.topology, self.backward_passes_per_step = topology, backward_passes_per_step
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self._params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+        self.names = [names.get(id(p), f"param.{i}") for i, p in enumerate(self._params)]
+        self._check_same_layout()
+        self._param_groups: list[_FlatGroup] = []
+        self._grad_groups: list[_FlatGroup] = []
+        self._grad_views: list[torch.Tensor] = [None] * len(self._params)  # type: ignore[list-item]
+        for dtype, idx in _grouped(self._params).items():
+            shapes = [self._params[i].shape for i in idx]
+            pg, gg = _FlatGroup(shapes, dtype), _FlatGroup(shapes, dtype)
+            for j, i in enumerate(idx):
+                p = self._params[i]
+                pg.view(j).copy_(p.detach())
+                p.data = pg.view(j)
+                if p.grad is not None:
+                    gg.view(j).copy_(p.grad)
+                p.grad = self._grad_views[i] = gg.view(j)
+            self._param_groups.append(pg)
+            self._grad_groups.append(gg)
+        self.step_count = 0
+        self.comm_seconds = 0.0
+        self._synchronized = False
+        self._should_sync = True
+        self._scratch: list[np.ndarray] = []
+
+    # -- the wrapped optimizer's state is this optimizer's state
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self._inner.param_groups if self._inner is not None else self._own_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        if self._inner is None:
+            self._own_groups = value
+        else:
+            self._inner.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self._inner.state if self._inner is not None else self._own_state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        if self._inner is None:
+            self._own_state = value
+        else:
+            self._inner.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self._inner.defaults if self._inner is not None else self._own_defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        if self._inner is None:
+            self._own_defaults = value
+        else:
+            self._inner.defaults = value
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The wrapped optimizer."""
+        return self._inner  # type: ignore[return-value]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._inner.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self._inner is None:
+            super().add_param_group(param_group)
+            return
+        raise UserError("DistributedOptimizer: add parameter groups to the wrapped optimizer before wrapping it")
+
+    def __repr__(self) -> str:
+        return f"DistributedOptimizer(topology={self.topology!r}, {self._inner!r})"
+
+    # -- buffers
+    @property
+    def parameter_buffers(self) -> list[torch.Tensor]:
+        """The flat parameter buffers (one per dtype); the parameters are views into them."""
+        return [g.buffer for g in self._param_groups]
+
+    @property
+    def gradient_buffers(self) -> list[torch.Tensor]:
+        return [g.buffer for g in self._grad_groups]
+
+    def _check_same_layout(self) -> None:
+        mine = hashlib.sha256(repr([(tuple(p.shape), str(p.dtype)) for p in self._params]).encode()).hexdigest()
+        everyone = self.comm.allgather((len(self._params), mine))
+        if any(e != everyone[0] for e in everyone):
+            counts = ", ".join(f"rank {r}: {n} tensors" for r, (n, _) in enumerate(everyone))
+            raise UserError(f"DistributedOptimizer: the ranks' models differ in parameter shapes ({counts})")
+
+    def _reattach_grads(self) -> None:
+        """Put gradients that autograd or the user replaced back into the flat buffer."""
+        for p, view in zip(self._params, self._grad_views):
+            g = p.grad
+            if g is view:
+                continue
+            if g is None:
+                view.zero_()
+            elif g.data_ptr() != view.data_ptr():
+                view.copy_(g)
+            p.grad = view
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for g in self._grad_groups:
+            g.buffer.zero_()
+        self._reattach_grads()
+
+    # -- communication
+    def synchronize(self) -> None:
+        """Average gradients across ranks now (exact topologies); a no-op for butterfly mixing."""
+        self._reattach_grads()
+        if self.topology in EXACT_TOPOLOGIES and self.comm.Get_size() > 1:
+            start = time.perf_counter()
+            for g in self._grad_groups:
+                collectives.allreduce(g.buffer, op="mean", algorithm=self.topology, comm=self.comm)
+            self.comm_seconds += time.perf_counter() - start
+        self._synchronized = True
+
+    @contextmanager
+    def skip_synchronize(self) -> Iterator[None]:
+        """Inside, ``step()`` does not combine gradients (use after calling ``synchronize()`` yourself)."""
+        self._should_sync = False
+        try:
+            yield
+        finally:
+            self._should_sync = True
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._should_sync and not self._synchronized:
+            self.synchronize()
+        self._synchronized = False
+        self._inner.step()
+        if self.topology == "butterfly-mixing" and self.comm.Get_size() > 1:
+            start = time.perf_counter()
+            with torch.no_grad():
+                mixing.mix(self.parameter_buffers, self.comm, self.step_count, self._scratch)
+            self.comm_seconds += time.perf_counter() - start
+        self.step_count += 1
+        return loss
+
+
+def _tensors(params: Any) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(params, torch.nn.Module):
+        return list(params.state_dict().items())
+    if isinstance(params, dict):
+        return list(params.items())
+    items = list(params)
+    if items and isinstance(items[0], tuple):
+        return [(str(n), t) for n, t in items]
+    return [(f"tensor.{i}", t) for i, t in enumerate(items)]
+
+
+def broadcast_parameters(params: torch.nn.Module | dict[str, torch.Tensor] | Iterable[Any], root: int = 0,
+                         comm: MPI.Comm | None = None) -> None:
+    """Overwrite every rank's tensors with rank ``root``'s, in place.
+
+    ``params``: a module (its state_dict, buffers included), a state dict,
+    ``named_parameters()``, or an iterable of tensors, in the same order on
+    every rank.
+    """
+    with torch.no_grad():
+        for _, t in _tensors(params):
+            if t.is_contiguous():
+                collectives.broadcast(t.data, root=root, comm=comm)
+            else:
+                tmp = t.detach().contiguous()
+                collectives.broadcast(tmp, root=root, comm=comm)
+                t.data.copy_(tmp)
+
+
+def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root: int = 0, comm: MPI.Comm | None = None) -> None:
+    """Give every rank rank ``root``'s optimizer state (hyper-parameters and per-parameter buffers)."""
+    comm = MPI.COMM_WORLD if comm is None else comm
+    state = optimizer.state_dict() if comm.Get_rank() == root else None
+    state = comm.bcast(state, root=root)
+    if comm.Get_rank() != root:
+        optimizer.load_state_dict(state)
+
+
+def parameters_sha256(params: Iterable[torch.Tensor]) -> str:
+    """SHA-256 of the parameters' bytes, in order: equal hashes mean bitwise equal replicas."""
+    h = hashlib.sha256()
+    for t in params:
+        h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,447 @@
+"""``python -m mpiml.train``: sharded data-parallel SGD, from the command line to the final model.
+
+    mpiexec -n 4 python -m mpiml.train --topology ring --model mlp --dataset digits --epochs 20
+
+Read top to bottom: parse the command line into a ``Config``; every rank
+opens only its shard; rank 0's initial parameters are broadcast; each step
+runs forward/backward on the local batch and lets ``DistributedOptimizer``
+combine the flat gradient buffer through the chosen topology (or mix
+parameters with one partner, for ``butterfly-mixing``); each epoch ends with
+test accuracy over all shards (counts summed across ranks), a line on rank
+0, a JSON line in ``--metrics``, and a checkpoint in ``--checkpoint-dir``.
+
+Every rank runs the same number of steps per epoch: the largest shard's
+``ceil(rows / batch)``; a rank with fewer rows wraps around to the start of
+its own epoch order (so it sees a few of its samples twice that epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+
+from . import checkpoint, mixing
+from .data import DataError, ShardedData, batch_indices, block, open_source
+from .metrics import MetricsLog, Stopwatch
+from .models import MODELS, ModelError, build_model
+from .optimizer import EXACT_TOPOLOGIES, TOPOLOGIES, DistributedOptimizer, broadcast_parameters, parameters_sha256
+from .runtime import UserError, abort_on_exception, agree
+
+__all__ = ["Config", "parse_args", "main", "run"]
+
+
+@dataclass
+class Config:
+    topology: str = "ring"
+    model: str = "mlp"
+    hidden: str = "128"
+    dataset: str = "digits"
+    data: str | None = None
+    samples: int = 10000
+    features: int = 32
+    classes: int | None = None
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_scaling: str = "none"
+    warmup_epochs: float = 0.0
+    seed: int = 0
+    shuffle: str = "local"
+    test_fraction: float = 0.2
+    metrics: str | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 0
+    resume: bool = False
+    threads: int = 1
+    progress: bool = True
+
+    def hidden_sizes(self) -> tuple[int, ...]:
+        try:
+            return tuple(int(h) for h in self.hidden.split(",") if h.strip())
+        except ValueError:
+            raise UserError(f"--hidden must be comma-separated integers, got {self.hidden!r}") from None
+
+    def validate(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}"),
+            (self.keep_checkpoints >= 0, f"--keep-checkpoints must be >= 0, got {self.keep_checkpoints}"),
+            (self.threads >= 1, f"--threads must be at least 1, got {self.threads}"),
+            (not self.resume or self.checkpoint_dir, "--resume needs --checkpoint-dir"),
+            (self.classes is None or self.classes >= 2, f"--classes must be at least 2, got {self.classes}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        self.hidden_sizes()
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are printed once (by rank 0); every rank exits with status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if MPI.COMM_WORLD.Get_rank() == 0:
+            self.print_usage(sys.stderr)
+            sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    d = Config()
+    p = _Parser(prog="python -m mpiml.train", usage="%(prog)s [options]  (--help lists them)",
+                description="Data-parallel training over MPI.")
+    p.add_argument("--topology", choices=TOPOLOGIES, default=d.topology,
+                   help="how replicas are kept in agreement (default %(default)s)")
+    p.add_argument("--model", choices=MODELS, default=d.model)
+    p.add_argument("--hidden", default=d.hidden, help="MLP hidden layer sizes, comma-separated (default %(default)s)")
+    p.add_argument("--dataset", choices=("digits", "synthetic"), default=d.dataset)
+    p.add_argument("--data", metavar="PATH", help="a .npz file or a folder of .npy files holding X and y "
+                                                  "(overrides --dataset)")
+    p.add_argument("--samples", type=int, default=d.samples, help="synthetic: rows (default %(default)s)")
+    p.add_argument("--features", type=int, default=d.features, help="synthetic: features (default %(default)s)")
+    p.add_argument("--classes", type=int, default=d.classes,
+                   help="synthetic: classes (default 10); --data: number of classes (default: max label + 1)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per rank (default %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="base learning rate (default %(default)s)")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default=d.optimizer)
+    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--lr-scaling", choices=("none", "linear"), default=d.lr_scaling,
+                   help="linear: lr x ranks, reached after --warmup-epochs of linear warm-up")
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--shuffle", choices=("local", "global"), default=d.shuffle,
+                   help="local: permute each rank's own shard; global: each rank takes its slice of one "
+                        "permutation of all rows per epoch")
+    p.add_argument("--test-fraction", type=float, default=d.test_fraction)
+    p.add_argument("--metrics", metavar="PATH", help="write one JSON line per epoch and a final line")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="checkpoint at the end of every epoch")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="STEPS",
+                   help="also checkpoint every STEPS optimizer steps (0: only at epoch ends)")
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, metavar="N",
+                   help="keep only the newest N checkpoints (0: keep all)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads per rank (default %(default)s)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    args = p.parse_args(argv)
+    return Config(**vars(args))
+
+
+# ---------------------------------------------------------------- setup
+
+
+def _open_data(cfg: Config, comm: MPI.Comm) -> tuple[ShardedData, tuple[np.ndarray, np.ndarray], int]:
+    """This rank's shard and test rows, and the number of classes, agreed by all ranks."""
+    k, r = comm.Get_size(), comm.Get_rank()
+
+    def local() -> tuple[ShardedData, tuple[np.ndarray, np.ndarray], int, int]:
+        try:
+            classes = cfg.classes if cfg.classes is not None else 10
+            source = open_source(cfg.dataset, cfg.data, cfg.samples, cfg.features, classes, cfg.seed)
+            shard = ShardedData(source, r, k, cfg.seed, cfg.test_fraction, cfg.shuffle)
+            test = shard.test_set()
+            lo, hi = block(source.n, k, r)
+            labels = source.read(np.arange(lo, hi))[1] if source.num_classes is None else np.zeros(0, np.int64)
+        except DataError as e:
+            raise UserError(str(e)) from None
+        low = int(labels.min()) if labels.size else 0
+        high = int(labels.max()) if labels.size else -1
+        return shard, test, low, high
+
+    shard, test, low, high = agree(comm, local)
+    low, high = comm.allreduce(low, op=MPI.MIN), comm.allreduce(high, op=MPI.MAX)
+    train_rows = comm.allgather(len(shard.own_train_rows))
+    source = shard.source
+    if source.num_classes is not None:
+        classes = source.num_classes
+    else:
+        if low < 0:
+            raise UserError(f"--data {cfg.data}: labels must be >= 0, found {low}")
+        classes = cfg.classes if cfg.classes is not None else high + 1
+        if high >= classes:
+            raise UserError(f"--data {cfg.data}: label {high} is out of range for --classes {classes}")
+        if classes < 2:
+            raise UserError(f"--data {cfg.data}: need at least 2 classes, the labels only reach {high}")
+    if min(train_rows) == 0:
+        empty = [i for i, n in enumerate(train_rows) if n == 0]
+        raise UserError(f"{k} ranks but only {sum(train_rows)} training rows: rank {empty[0]} would get none "
+                        f"(use fewer ranks or more data)")
+    return shard, test, classes
+
+
+def _make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _lr_at(cfg: Config, step: int, steps_per_epoch: int, ranks: int) -> float:
+    """Base lr; with linear scaling lr x ranks, ramped up linearly over the warm-up (Goyal et al., 2017)."""
+    target = cfg.lr * (ranks if cfg.lr_scaling == "linear" else 1)
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if warmup <= 0 or step >= warmup:
+        return target
+    return cfg.lr + (target - cfg.lr) * step / warmup
+
+
+def _fingerprint(cfg: Config, sample_shape: tuple[int, ...], classes: int, model: torch.nn.Module) -> dict[str, Any]:
+    return {"model": cfg.model, "hidden": list(cfg.hidden_sizes()) if cfg.model == "mlp" else [],
+            "sample_shape": list(sample_shape), "classes": classes, "optimizer": cfg.optimizer,
+            "shapes": [list(p.shape) for p in model.parameters()]}
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _evaluate(model: torch.nn.Module, test: tuple[np.ndarray, np.ndarray], comm: MPI.Comm) -> float:
+    """Accuracy over every rank's test rows: correct and total counts summed across ranks."""
+    x, y = test
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for lo in range(0, len(y), 1024):
+            logits = model(torch.from_numpy(x[lo:lo + 1024]))
+            correct += int((logits.argmax(1).numpy() == y[lo:lo + 1024]).sum())
+    model.train()
+    counts = np.array([correct, len(y)], dtype=np.int64)
+    comm.Allreduce(MPI.IN_PLACE, counts, op=MPI.SUM)
+    return float(counts[0] / counts[1]) if counts[1] else float("nan")
+
+
+def _evaluate_average(model: torch.nn.Module, dopt: DistributedOptimizer, test: Any, comm: MPI.Comm) -> float:
+    """Butterfly mixing: accuracy of the average of the replicas (each rank's own is restored afterwards)."""
+    saved = [b.clone() for b in dopt.parameter_buffers]
+    mixing.average_replicas(dopt.parameter_buffers, comm)
+    accuracy = _evaluate(model, test, comm)
+    for b, s in zip(dopt.parameter_buffers, saved):
+        b.copy_(s)
+    return accuracy
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class _Position:
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    loss_sum: float = 0.0
+
+
+def _save(cfg: Config, comm: MPI.Comm, dopt: DistributedOptimizer, fingerprint: dict[str, Any],
+          pos: _Position) -> None:
+    mixed = cfg.topology == "butterfly-mixing"
+    # Exact topologies: every replica is rank 0's. Mixing: rank 0 collects every replica.
+    mine = ([b.clone() for b in dopt.parameter_buffers], dopt.state_dict(), pos.loss_sum)
+    everyone = comm.gather(mine if mixed else (None, None, pos.loss_sum), root=0)
+    error = None
+    if comm.Get_rank() == 0:
+        payload = {
+            "format": 1, "fingerprint": fingerprint, "config": dataclasses.asdict(cfg), "ranks": comm.Get_size(),
+            "topology": cfg.topology, "epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch,
+            "global_step": pos.global_step, "mixing_step": dopt.step_count,
+            "loss_sums": [e[2] for e in everyone],
+            "params": None if mixed else mine[0], "optimizer": None if mixed else mine[1],
+            "replicas": [e[0] for e in everyone] if mixed else None,
+            "replica_optimizers": [e[1] for e in everyone] if mixed else None,
+            "torch_rng": torch.get_rng_state(),
+        }
+        try:
+            checkpoint.save(cfg.checkpoint_dir, pos.global_step, payload, keep=cfg.keep_checkpoints)
+        except checkpoint.CheckpointError as e:
+            error = str(e)
+    error = comm.bcast(error, root=0)
+    if error:
+        raise UserError(error)
+
+
+def _resume(cfg: Config, comm: MPI.Comm, dopt: DistributedOptimizer, fingerprint: dict[str, Any]) -> _Position:
+    """Load the newest good checkpoint (rank 0 reads, everyone receives) and restore this rank from it."""
+    k, r = comm.Get_size(), comm.Get_rank()
+    found: Any = None
+    if r == 0:
+        try:
+            path, payload, warnings = checkpoint.load_latest(cfg.checkpoint_dir)
+            for w in warnings:
+                print(f"warning: {w}", file=sys.stderr, flush=True)
+            found = ("ok", path, payload, _incompatible(cfg, payload, fingerprint, k) if payload else None)
+        except checkpoint.CheckpointError as e:
+            found = ("error", str(e), None, None)
+    status, path, payload, problem = comm.bcast(found, root=0)
+    if status == "error":
+        raise UserError(path)
+    if payload is None:
+        if r == 0:
+            print(f"no checkpoint in {cfg.checkpoint_dir}; starting from scratch", flush=True)
+        return _Position()
+    if problem:
+        raise UserError(f"cannot resume from {path}: {problem}")
+    params = payload["replicas"][r] if payload["replicas"] is not None else payload["params"]
+    state = payload["replica_optimizers"][r] if payload["replica_optimizers"] is not None else payload["optimizer"]
+    with torch.no_grad():
+        for buf, saved in zip(dopt.parameter_buffers, params):
+            buf.copy_(saved)
+    dopt.load_state_dict(state)
+    dopt.step_count = payload["mixing_step"]
+    torch.set_rng_state(payload["torch_rng"])
+    pos = _Position(payload["epoch"], payload["step_in_epoch"], payload["global_step"])
+    sums = payload["loss_sums"]
+    if payload["ranks"] == k:
+        pos.loss_sum = sums[r]
+    else:  # exact topologies only: the same position in samples seen, new shards and order (see README)
+        pos.step_in_epoch = pos.step_in_epoch * payload["ranks"] // k
+        pos.loss_sum = sum(sums) / k
+    if r == 0:
+        print(f"resumed from {path} (epoch {pos.epoch + 1}, step {pos.global_step})", flush=True)
+    return pos
+
+
+def _incompatible(cfg: Config, payload: dict[str, Any], fingerprint: dict[str, Any], k: int) -> str | None:
+    if payload.get("format") != 1:
+        return "unknown checkpoint format"
+    saved = payload["fingerprint"]
+    for key in ("model", "hidden", "sample_shape", "classes", "optimizer", "shapes"):
+        if saved.get(key) != fingerprint[key]:
+            return (f"it was written for a different model ({key}: checkpoint {saved.get(key)}, "
+                    f"this run {fingerprint[key]})")
+    was_mixing, mixing_now = payload["topology"] == "butterfly-mixing", cfg.topology == "butterfly-mixing"
+    if was_mixing != mixing_now:
+        return (f"it was written with --topology {payload['topology']}; butterfly-mixing keeps one replica per "
+                "rank and cannot be exchanged with an exact topology")
+    if mixing_now and payload["ranks"] != k:
+        return (f"it holds {payload['ranks']} butterfly-mixing replicas; resume with {payload['ranks']} ranks "
+                f"(this run has {k})")
+    return None
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run(cfg: Config) -> int:
+    comm = MPI.COMM_WORLD
+    k, r = comm.Get_size(), comm.Get_rank()
+    master = r == 0
+    cfg.validate()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    started = time.perf_counter()
+
+    shard, test, classes = _open_data(cfg, comm)
+    sample_shape = shard.source.sample_shape
+
+    def make() -> torch.nn.Module:
+        try:
+            return build_model(cfg.model, sample_shape, classes, cfg.hidden_sizes())
+        except ModelError as e:
+            raise UserError(str(e)) from None
+
+    model = agree(comm, make)
+    broadcast_parameters(model, root=0, comm=comm)
+    dopt = DistributedOptimizer(_make_optimizer(cfg, model), model, topology=cfg.topology, comm=comm)
+    fingerprint = _fingerprint(cfg, sample_shape, classes, model)
+    pos = _resume(cfg, comm, dopt, fingerprint) if cfg.resume else _Position()
+    log = MetricsLog(cfg.metrics, master, append=cfg.resume and pos.global_step > 0)
+    if master:
+        print(f"mpiml.train: {k} rank{'s' if k > 1 else ''}, topology {cfg.topology}, model {cfg.model}, "
+              f"data {shard.source.name} ({shard.source.n} rows, {classes} classes), "
+              f"batch {cfg.batch_size} per rank", flush=True)
+
+    steps0 = comm.allreduce(math.ceil(len(shard.own_train_rows) / cfg.batch_size), op=MPI.MAX)
+    accuracy = float("nan")
+    for epoch in range(pos.epoch, cfg.epochs):
+        x, y = shard.epoch_data(epoch)
+        steps = comm.allreduce(math.ceil(len(y) / cfg.batch_size), op=MPI.MAX)
+        batches = batch_indices(len(y), cfg.batch_size, steps)
+        first = pos.step_in_epoch if epoch == pos.epoch else 0
+        loss_sum = pos.loss_sum if epoch == pos.epoch else 0.0
+        comm_before, wall = dopt.comm_seconds, Stopwatch()
+        bar = _progress(cfg, master, steps, first, f"epoch {epoch + 1}/{cfg.epochs}")
+        with wall:
+            for i in range(first, steps):
+                for group in dopt.param_groups:
+                    group["lr"] = _lr_at(cfg, pos.global_step, steps0, k)
+                xb, yb = torch.from_numpy(x[batches[i]]), torch.from_numpy(y[batches[i]])
+                loss = F.cross_entropy(model(xb), yb)
+                dopt.zero_grad()
+                loss.backward()
+                dopt.step()
+                loss_sum += float(loss.detach())
+                pos.global_step += 1
+                if bar is not None:
+                    bar.update(1)
+                if cfg.checkpoint_dir and cfg.checkpoint_every and pos.global_step % cfg.checkpoint_every == 0:
+                    _save(cfg, comm, dopt, fingerprint, _Position(epoch, i + 1, pos.global_step, loss_sum))
+        if bar is not None:
+            bar.close()
+        comm_time = dopt.comm_seconds - comm_before
+        mixed = cfg.topology == "butterfly-mixing"
+        accuracy = _evaluate_average(model, dopt, test, comm) if mixed else _evaluate(model, test, comm)
+        totals = np.array([loss_sum, steps, wall.seconds - comm_time, comm_time, wall.seconds], dtype=np.float64)
+        comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
+        record = {
+            "epoch": epoch + 1, "train_loss": totals[0] / totals[1], "test_accuracy": accuracy,
+            "samples_per_sec": steps * cfg.batch_size * k / max(comm.allreduce(wall.seconds, op=MPI.MAX), 1e-12),
+            "compute_seconds": totals[2] / k, "comm_seconds": totals[3] / k, "steps": pos.global_step,
+            "lr": dopt.param_groups[0]["lr"],
+        }
+        if mixed:
+            record["replica_drift"] = mixing.replica_drift(dopt.parameter_buffers, comm)
+        log.write(record)
+        if master:
+            drift = f"  drift {record['replica_drift']:.2e}" if mixed else ""
+            print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
+                  f"test acc {100 * accuracy:6.2f}%  {record['samples_per_sec']:9.0f} samples/s  "
+                  f"compute {record['compute_seconds']:.2f}s  comm {record['comm_seconds']:.2f}s{drift}", flush=True)
+        if cfg.checkpoint_dir:
+            _save(cfg, comm, dopt, fingerprint, _Position(epoch + 1, 0, pos.global_step, 0.0))
+
+    if cfg.topology == "butterfly-mixing":
+        mixing.average_replicas(dopt.parameter_buffers, comm)  # the reported model is the replicas' average
+        accuracy = _evaluate(model, test, comm)
+    digest = parameters_sha256(dopt.parameter_buffers)
+    digests = comm.allgather(digest)
+    final = {"final": True, "test_accuracy": accuracy, "params_sha256": digests[0],
+             "ranks_consistent": all(d == digests[0] for d in digests), "ranks": k, "topology": cfg.topology,
+             "model": cfg.model, "epochs": cfg.epochs, "steps": pos.global_step,
+             "wall_seconds": comm.allreduce(time.perf_counter() - started, op=MPI.MAX)}
+    log.write(final)
+    if master:
+        print(f"final: test accuracy {100 * accuracy:.2f}%  params sha256 {digests[0][:16]}  "
+              f"ranks consistent: {'yes' if final['ranks_consistent'] else 'NO'}", flush=True)
+    return 0
+
+
+def _progress(cfg: Config, master: bool, total: int, done: int, desc: str) -> Any:
+    if not (master and cfg.progress and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=done, desc=desc, leave=False, file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return abort_on_exception(lambda: run(parse_args(argv)), prog="mpiml.train")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""DistributedOptimizer and the broadcast helpers, as a user's own script would use them."""
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+
+import mpiml
+import mpiml.mixing
+
+
+def model_and_data(seed):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    g = torch.Generator().manual_seed(seed)
+    return model, torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("topology", mpiml.EXACT_TOPOLOGIES)
+def test_gradients_are_averaged_exactly_like_one_big_batch(topology):
+    comm = MPI.COMM_WORLD
+    model, x, y = model_and_data(seed=100 + comm.rank)
+    opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, topology=topology)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.synchronize()
+    # reference: every rank's batch, concatenated, through one model (mean loss = mean of per-rank means)
+    ref, _, _ = model_and_data(0)
+    batches = [model_and_data(100 + r)[1:] for r in range(comm.size)]
+    loss = sum(torch.nn.functional.cross_entropy(ref(bx), by) for bx, by in batches) / comm.size
+    loss.backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+    with opt.skip_synchronize():
+        opt.step()
+
+
+@pytest.mark.mpi(min_size=1)
+def test_backward_passes_accumulate_and_unused_parameters_count_as_zero():
+    comm = MPI.COMM_WORLD
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 1, bias=False), "b": torch.nn.Linear(3, 1, bias=False)})
+    opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model, topology="ring",
+                                     backward_passes_per_step=2)
+    x = torch.ones(1, 3) * (comm.rank + 1)
+    used = "a" if comm.rank % 2 == 0 else "b"  # each rank leaves one layer without a gradient
+    for _ in range(2):
+        model[used](x).sum().backward()
+    opt.synchronize()
+    for name in ("a", "b"):
+        users = [r for r in range(comm.size) if ("a" if r % 2 == 0 else "b") == name]
+        expect = sum(2 * (r + 1) for r in users) / comm.size
+        assert torch.allclose(model[name].weight.grad, torch.full((1, 3), float(expect)))
+
+
+@pytest.mark.mpi(min_size=1)
+def test_zero_grad_keeps_views_and_scheduler_works():
+    model, x, y = model_and_data(1)
+    opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), model)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    buffers = [b.data_ptr() for b in opt.gradient_buffers]
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+    assert [b.data_ptr() for b in opt.gradient_buffers] == buffers
+    assert all(p.grad.data_ptr() >= buffers[0] for p in model.parameters())
+    assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(0.125)
+    digests = MPI.COMM_WORLD.allgather(mpiml.parameters_sha256(model.parameters()))
+    assert len(set(digests)) == 1
+
+
+@pytest.mark.mpi(min_size=1)
+def test_broadcast_parameters_and_optimizer_state():
+    comm = MPI.COMM_WORLD
+    torch.manual_seed(comm.rank)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01 * (comm.rank + 1))
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    mpiml.broadcast_parameters(model, root=0)
+    mpiml.broadcast_optimizer_state(opt, root=0)
+    states = comm.allgather((mpiml.parameters_sha256(model.parameters()), opt.param_groups[0]["lr"],
+                             [s["exp_avg"].sum().item() for s in opt.state.values()]))
+    assert all(s == states[0] for s in states)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_models_that_differ_are_refused_everywhere():
+    comm = MPI.COMM_WORLD
+    model = torch.nn.Linear(4, 2 + (comm.rank == 1))
+    with pytest.raises(mpiml.UserError, match="differ in parameter shapes"):
+        mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_butterfly_mixing_steps_locally_then_averages_with_a_partner():
+    comm = MPI.COMM_WORLD
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(float(comm.rank))
+    opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model,
+                                     topology="butterfly-mixing")
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()  # lr 0: only the mixing changes the weights
+    partner = mpiml.mixing.partner_for_step(comm.rank, comm.size, 0)
+    expect = comm.rank if partner is None else (comm.rank + partner) / 2
+    assert np.allclose(model.weight.detach().numpy(), expect)

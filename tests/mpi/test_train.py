@@ -1,0 +1,100 @@
+"""End-to-end training under mpiexec: accuracy, identical replicas, determinism, resume, bad input."""
+
+import json
+import os
+
+import pytest
+from mpi4py import MPI
+
+from mpiml import checkpoint
+from mpiml.runtime import UserError
+from mpiml.train import Config, run
+
+EXACT = ["mpi", "ring", "tree", "butterfly"]
+
+
+def train(tmp, name, **overrides):
+    """Run ``python -m mpiml.train`` in-process; returns the final metrics record."""
+    metrics = os.path.join(str(tmp), f"{name}.jsonl")
+    cfg = Config(metrics=metrics, progress=False, **overrides)
+    assert run(cfg) == 0
+    MPI.COMM_WORLD.Barrier()
+    with open(metrics) as f:
+        lines = [json.loads(line) for line in f]
+    assert [r["epoch"] for r in lines[:-1]] == list(range(1, cfg.epochs + 1))
+    for r in lines[:-1]:
+        assert {"train_loss", "test_accuracy", "samples_per_sec", "compute_seconds", "comm_seconds"} <= set(r)
+    assert lines[-1]["final"] is True
+    return lines[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.mpi(min_size=1)
+def test_exact_topologies_reach_95_percent_and_agree(mpi_tmp_path):
+    finals = {t: train(mpi_tmp_path, t, topology=t, epochs=20) for t in EXACT}
+    accuracies = [f["test_accuracy"] for f in finals.values()]
+    assert min(accuracies) >= 0.95, finals
+    assert max(accuracies) - min(accuracies) <= 0.01, accuracies
+    assert all(f["ranks_consistent"] for f in finals.values())
+
+
+@pytest.mark.slow
+@pytest.mark.mpi(min_size=1)
+def test_butterfly_mixing_close_to_ring(mpi_tmp_path):
+    ring = train(mpi_tmp_path, "ring", topology="ring", epochs=20)
+    mixed = train(mpi_tmp_path, "mix", topology="butterfly-mixing", epochs=20)
+    assert abs(mixed["test_accuracy"] - ring["test_accuracy"]) <= 0.02
+    assert mixed["ranks_consistent"]  # the final model is the replicas' average, the same everywhere
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("topology", ["ring", "butterfly-mixing"])
+def test_same_seed_same_parameters(mpi_tmp_path, topology):
+    a = train(mpi_tmp_path, "a", topology=topology, epochs=2, seed=3)
+    b = train(mpi_tmp_path, "b", topology=topology, epochs=2, seed=3)
+    c = train(mpi_tmp_path, "c", topology=topology, epochs=2, seed=4)
+    assert a["params_sha256"] == b["params_sha256"] != c["params_sha256"]
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("topology, shuffle", [("ring", "local"), ("butterfly", "global"),
+                                               ("butterfly-mixing", "local")])
+def test_resume_after_a_checkpoint_matches_an_uninterrupted_run(mpi_tmp_path, topology, shuffle):
+    ck = os.path.join(str(mpi_tmp_path), f"ck-{topology}")
+    settings = dict(topology=topology, shuffle=shuffle, epochs=3, checkpoint_dir=ck, checkpoint_every=5)
+    whole = train(mpi_tmp_path, "whole", **settings)
+    comm = MPI.COMM_WORLD
+    if comm.rank == 0:  # "stop" right after an early mid-epoch checkpoint: drop everything written later
+        kept = checkpoint.checkpoints(ck)[-1]
+        assert kept.endswith("checkpoint-000000005.pt")
+        for path in checkpoint.checkpoints(ck)[:-1]:
+            os.unlink(path)
+    comm.Barrier()
+    resumed = train(mpi_tmp_path, "resumed", resume=True, **settings)
+    assert resumed["params_sha256"] == whole["params_sha256"]
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("overrides, message", [
+    (dict(data="/nonexistent/data.npz"), "no such file"),
+    (dict(batch_size=0), "--batch-size must be at least 1"),
+    (dict(model="cnn", dataset="synthetic", features=5), "image-shaped"),
+    (dict(resume=True), "--resume needs --checkpoint-dir"),
+])
+def test_bad_input_is_reported_on_every_rank(mpi_tmp_path, overrides, message):
+    with pytest.raises(UserError, match=message):
+        run(Config(progress=False, epochs=1, **overrides))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_more_ranks_than_training_rows():
+    with pytest.raises(UserError, match="ranks but only"):
+        run(Config(progress=False, epochs=1, dataset="synthetic", samples=MPI.COMM_WORLD.size - 1))
+
+
+@pytest.mark.mpi(min_size=1)
+def test_checkpoint_from_another_model_is_refused(mpi_tmp_path):
+    ck = os.path.join(str(mpi_tmp_path), "ck-other")
+    train(mpi_tmp_path, "mlp", epochs=1, checkpoint_dir=ck)
+    with pytest.raises(UserError, match="different model"):
+        run(Config(progress=False, epochs=2, checkpoint_dir=ck, resume=True, model="logreg"))

@@ -1,0 +1,78 @@
+"""The command line as users run it: one process without mpiexec, and mpiexec jobs fed bad input.
+
+Every job runs under a hard timeout of its own, so a hang fails the test instead of blocking CI.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+MPIEXEC = os.path.join(BIN, "mpiexec")
+
+
+def launch(args, ranks=None, timeout=120):
+    cmd = ([MPIEXEC, "-n", str(ranks)] if ranks else []) + [sys.executable] + args
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_single_process_without_mpiexec(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    out = launch(["-m", "mpiml.train", "--epochs", "2", "--metrics", str(metrics)])
+    assert out.returncode == 0, out.stderr
+    assert "final: test accuracy" in out.stdout
+    final = json.loads(metrics.read_text().splitlines()[-1])
+    assert final["final"] and final["ranks"] == 1 and final["ranks_consistent"]
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((100, 5)).astype(np.float32)
+    np.savez(tmp / "labels_9.npz", X=x, y=rng.integers(0, 9, 100))
+    np.savez(tmp / "rows.npz", X=x, y=rng.integers(0, 3, 99))
+    np.savez_compressed(tmp / "zipped.npz", X=x, y=rng.integers(0, 3, 100))
+    (tmp / "text.npz").write_text("not numpy")
+    return tmp
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--topology", "rign"], "invalid choice: 'rign'"),
+    (["--model", "resnet"], "invalid choice: 'resnet'"),
+    (["--dataset", "mnist"], "invalid choice: 'mnist'"),
+    (["--data", "{tmp}/missing.npz"], "no such file or directory"),
+    (["--data", "{tmp}/text.npz"], "not a valid .npz"),
+    (["--data", "{tmp}/rows.npz"], "X has 100 rows but y has 99"),
+    (["--data", "{tmp}/zipped.npz"], "compressed and cannot be memory-mapped"),
+    (["--data", "{tmp}/labels_9.npz", "--classes", "4"], "out of range for --classes 4"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--dataset", "synthetic", "--samples", "2"], "3 ranks but only"),
+    (["--resume"], "--resume needs --checkpoint-dir"),
+])
+def test_bad_input_ends_every_rank_with_one_message(data_files, args, message):
+    args = [a.replace("{tmp}", str(data_files)) for a in args]
+    out = launch(["-m", "mpiml.train", "--epochs", "1"] + args, ranks=3, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.count(message) == 1, out.stderr  # once (rank 0), not once per rank
+    assert "Traceback" not in out.stderr
+
+
+def test_checkpoint_from_another_model(tmp_path):
+    ck = str(tmp_path / "ck")
+    assert launch(["-m", "mpiml.train", "--epochs", "1", "--checkpoint-dir", ck], ranks=2).returncode == 0
+    out = launch(["-m", "mpiml.train", "--epochs", "2", "--checkpoint-dir", ck, "--resume", "--model", "logreg"],
+                 ranks=2, timeout=60)
+    assert out.returncode == 2 and out.stderr.count("written for a different model") == 1
+
+
+def test_user_script_example():
+    out = launch(["scripts/examples/plain_torch_with_mpiml.py"], ranks=2)
+    assert out.returncode == 0, out.stderr
+    accuracy = float(out.stdout.split("test accuracy ")[1].split()[0])
+    assert accuracy > 0.9
