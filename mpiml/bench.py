@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -144,6 +145,41 @@ def format_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def calibration_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
+    """``auto``'s table from measurements: the fastest correct algorithm per size, switching halfway (geometric)."""
+    sizes = sorted({r["size_bytes"] for r in records})
+    winners = []
+    for size in sizes:
+        rows = [r for r in records if r["size_bytes"] == size and r["correct"] is not False]
+        winners.append(min(rows, key=lambda r: r["time_us"])["algorithm"])
+    table: list[list[Any]] = []
+    for i, (size, winner) in enumerate(zip(sizes, winners)):
+        bound = int((size * sizes[i + 1]) ** 0.5) if i + 1 < len(sizes) else None
+        if table and table[-1][1] == winner:
+            table[-1][0] = bound
+        else:
+            table.append([bound, winner])
+    return table
+
+
+def save_calibration(records: list[dict[str, Any]], ranks: int, path: str | None) -> str:
+    from .collectives import auto
+
+    path = path or auto.calibration_path()
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        saved = {}
+    saved.setdefault("tables", {})[str(ranks)] = calibration_rows(records)
+    saved.setdefault("measured", {})[str(ranks)] = {"host": platform.node(), "time": time.strftime("%Y-%m-%d %H:%M")}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(saved, f, indent=1)
+    print(f"# auto's table for {ranks} ranks, saved to {path}: {saved['tables'][str(ranks)]}")
+    return path
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     from .collectives import ALGORITHMS, DTYPES, OPS
 
@@ -163,13 +199,22 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ar.add_argument("--no-raw", dest="raw", action="store_false",
                     help=f"leave out the {RAW} row (the library called directly, without mpiml's front door)")
     ar.add_argument("--json", metavar="PATH", help="also write the records as JSON to PATH")
+    cal = sub.add_parser("calibrate", help="measure every algorithm and save the fastest per size for 'auto'")
+    cal.add_argument("--sizes", default=DEFAULT_SIZES, help=f"sizes to measure (default {DEFAULT_SIZES})")
+    cal.add_argument("--algorithms", default=",".join(a for a in ALGORITHMS if a != "auto"))
+    cal.add_argument("--iters", type=int, default=20)
+    cal.add_argument("--warmup", type=int, default=3)
+    cal.add_argument("--rounds", type=int, default=3)
+    cal.add_argument("--output", metavar="PATH", help="calibration file (default $MPIML_CALIBRATION or "
+                                                      "~/.cache/mpiml/calibration.json)")
+    cal.set_defaults(dtype="float32", op="sum", check=True, raw=False, json=None)
     args = parser.parse_args(argv)
     try:
         args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     except argparse.ArgumentTypeError as e:
         parser.error(str(e))
     args.algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    unknown = [a for a in args.algorithms if a not in ALGORITHMS]
+    unknown = [a for a in args.algorithms if a not in ALGORITHMS or (args.command == "calibrate" and a == "auto")]
     if unknown:
         parser.error(f"unknown algorithm(s) {', '.join(unknown)}; choose from {', '.join(ALGORITHMS)}")
     for name in ("iters", "rounds"):
@@ -195,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                               args.rounds, args.check, comm, args.raw)
     if comm.Get_rank() == 0:
         print(format_table(records))
+        if args.command == "calibrate":
+            save_calibration(records, comm.Get_size(), args.output)
         if args.json:
             meta = {"ranks": comm.Get_size(), "mpi_library": MPI.Get_library_version().splitlines()[0].strip(),
                     "host": platform.node(), "command": " ".join(sys.argv)}

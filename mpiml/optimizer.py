@@ -27,27 +27,38 @@ import torch
 from mpi4py import MPI
 
 from . import collectives, mixing
+from .buckets import COMPRESSIONS, GradientBuckets
 from .runtime import UserError
 
 __all__ = ["DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state", "parameters_sha256",
            "TOPOLOGIES", "EXACT_TOPOLOGIES"]
 
-EXACT_TOPOLOGIES = ("mpi", "ring", "tree", "butterfly")
+EXACT_TOPOLOGIES = ("mpi", "ring", "tree", "butterfly", "hier", "auto")
+DEFAULT_BUCKET_BYTES = 4 << 20
 TOPOLOGIES = EXACT_TOPOLOGIES + ("butterfly-mixing",)
 
 
 class _FlatGroup:
-    """Tensors of one dtype laid out back to back in one buffer."""
+    """Tensors of one dtype laid out back to back in one buffer, last tensor first.
 
-    def __init__(self, shapes: list[torch.Size], dtype: torch.dtype) -> None:
+    Reverse order puts the gradients backward produces first at the front,
+    so gradient buckets are contiguous slices filled front to back.
+    """
+
+    def __init__(self, shapes: list[torch.Size], dtype: torch.dtype,
+                 allocate: Callable[[torch.dtype, int], torch.Tensor] | None = None) -> None:
         self.shapes = shapes
-        self.offsets = [0]
-        for s in shapes:
-            self.offsets.append(self.offsets[-1] + s.numel())
-        self.buffer = torch.zeros(self.offsets[-1], dtype=dtype)
+        self.bounds: list[tuple[int, int]] = [(0, 0)] * len(shapes)
+        offset = 0
+        for i in reversed(range(len(shapes))):
+            self.bounds[i] = (offset, offset + shapes[i].numel())
+            offset += shapes[i].numel()
+        self.buffer = allocate(dtype, offset) if allocate is not None else torch.zeros(offset, dtype=dtype)
+        self.buffer.zero_()
 
     def view(self, i: int) -> torch.Tensor:
-        return self.buffer[self.offsets[i]:self.offsets[i + 1]].view(self.shapes[i])
+        lo, hi = self.bounds[i]
+        return self.buffer[lo:hi].view(self.shapes[i])
 
 
 def _grouped(params: list[torch.nn.Parameter]) -> dict[torch.dtype, list[int]]:
@@ -60,19 +71,31 @@ def _grouped(params: list[torch.nn.Parameter]) -> dict[torch.dtype, list[int]]:
 class DistributedOptimizer(torch.optim.Optimizer):
     """Wraps a torch optimizer; ``step()`` first combines gradients across ranks through ``topology``.
 
+    ``overlap`` (default): gradients are grouped into buckets of about
+    ``bucket_bytes`` in reverse parameter order, and each bucket's allreduce
+    starts on a communication thread as soon as backward has produced it
+    (see ``mpiml.buckets``); ``step()`` waits only for what is still in
+    flight. Without overlap, everything is combined in ``step()``.
+    ``compression``: "none", "fp16" or "bf16" on the wire.
     ``backward_passes_per_step``: gradients of that many backward passes are
     accumulated locally before one combined step (call ``step()`` once after
-    them). ``zero_grad()`` zeroes the flat gradient buffer in place (the
-    ``.grad`` views must survive, so ``set_to_none`` is ignored). Parameters
-    that got no gradient on some rank count as zero there.
+    them; nothing is sent on the inner passes). ``zero_grad()`` zeroes the
+    flat gradient buffer in place (the ``.grad`` views must survive, so
+    ``set_to_none`` is ignored). Parameters that got no gradient on some
+    rank count as zero there.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None,
-                 topology: str = "ring", backward_passes_per_step: int = 1, comm: MPI.Comm | None = None) -> None:
+                 topology: str = "ring", backward_passes_per_step: int = 1, comm: MPI.Comm | None = None,
+                 overlap: bool = True, bucket_bytes: int = DEFAULT_BUCKET_BYTES, compression: str = "none") -> None:
         if topology not in TOPOLOGIES:
             raise UserError(f"unknown topology {topology!r}; choose from {', '.join(TOPOLOGIES)}")
         if backward_passes_per_step < 1:
             raise UserError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
+        if compression not in COMPRESSIONS:
+            raise UserError(f"unknown compression {compression!r}; choose from {', '.join(COMPRESSIONS)}")
+        if bucket_bytes < 1:
+            raise UserError(f"bucket_bytes must be positive, got {bucket_bytes}")
         self._inner: torch.optim.Optimizer | None = None
         # Optimizer's own constructor sets up hooks; its throwaway groups never reach the wrapped optimizer.
         super().__init__([torch.zeros(0, requires_grad=True)], {})
@@ -86,9 +109,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._param_groups: list[_FlatGroup] = []
         self._grad_groups: list[_FlatGroup] = []
         self._grad_views: list[torch.Tensor] = [None] * len(self._params)  # type: ignore[list-item]
-        for dtype, idx in _grouped(self._params).items():
+        spans: list[tuple[torch.Tensor, int, int]] = [None] * len(self._params)  # type: ignore[list-item]
+        grouped = _grouped(self._params)
+        allocate = self._shared_allocator(grouped) if topology == "hier" and self.comm.Get_size() > 1 else None
+        for dtype, idx in grouped.items():
             shapes = [self._params[i].shape for i in idx]
-            pg, gg = _FlatGroup(shapes, dtype), _FlatGroup(shapes, dtype)
+            pg, gg = _FlatGroup(shapes, dtype), _FlatGroup(shapes, dtype, allocate)
             for j, i in enumerate(idx):
                 p = self._params[i]
                 pg.view(j).copy_(p.detach())
@@ -96,13 +122,21 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 if p.grad is not None:
                     gg.view(j).copy_(p.grad)
                 p.grad = self._grad_views[i] = gg.view(j)
+                spans[i] = (gg.buffer, *gg.bounds[j])
             self._param_groups.append(pg)
             self._grad_groups.append(gg)
         self.step_count = 0
-        self.comm_seconds = 0.0
+        self.wait_seconds = 0.0  # time step() spent waiting for communication (the exposed part)
+        self._mixing_seconds = 0.0
         self._synchronized = False
         self._should_sync = True
         self._scratch: list[np.ndarray] = []
+        exact = topology in EXACT_TOPOLOGIES and self.comm.Get_size() > 1
+        if exact:
+            collectives.private_comm(self.comm)  # made here, not on the communication thread
+        self._buckets = GradientBuckets(
+            self._params, spans, bucket_bytes, self._reduce, self.comm.Get_size(), overlap and exact,
+            backward_passes_per_step, compression) if exact else None
 
     # -- the wrapped optimizer's state is this optimizer's state
     @property
@@ -175,6 +209,35 @@ class DistributedOptimizer(torch.optim.Optimizer):
             counts = ", ".join(f"rank {r}: {n} tensors" for r, (n, _) in enumerate(everyone))
             raise UserError(f"DistributedOptimizer: the ranks' models differ in parameter shapes ({counts})")
 
+    def _shared_allocator(self, grouped: dict[torch.dtype, list[int]]) -> Callable[[torch.dtype, int], torch.Tensor]:
+        """Gradient buffers inside the host's shared window, so ``hier`` reduces them in place, copy-free."""
+        sizes = {d: sum(self._params[i].numel() for i in idx) * self._params[idx[0]].element_size()
+                 for d, idx in grouped.items()}
+        arena = collectives.hier.SharedArena(collectives.private_comm(self.comm), sum(-(-b // 64) * 64 for b in
+                                                                                      sizes.values()))
+        offsets: dict[torch.dtype, int] = {}
+        at = 0
+        for d, nbytes in sizes.items():
+            offsets[d] = at
+            at += -(-nbytes // 64) * 64
+
+        def allocate(dtype: torch.dtype, count: int) -> torch.Tensor:
+            return arena.tensor(dtype, offsets[dtype], count)
+        self._arena = arena
+        return allocate
+
+    def _reduce(self, view: torch.Tensor, op: str) -> None:
+        collectives.allreduce(view, op=op, algorithm=self.topology, comm=self.comm)
+
+    @property
+    def comm_seconds(self) -> float:
+        """Seconds spent communicating (overlapped with backward or not)."""
+        return (self._buckets.comm_seconds if self._buckets is not None else 0.0) + self._mixing_seconds
+
+    @property
+    def buckets(self) -> list[Any]:
+        return self._buckets.buckets if self._buckets is not None else []
+
     def _reattach_grads(self) -> None:
         """Put gradients that autograd or the user replaced back into the flat buffer."""
         for p, view in zip(self._params, self._grad_views):
@@ -194,13 +257,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     # -- communication
     def synchronize(self) -> None:
-        """Average gradients across ranks now (exact topologies); a no-op for butterfly mixing."""
-        self._reattach_grads()
-        if self.topology in EXACT_TOPOLOGIES and self.comm.Get_size() > 1:
+        """Finish averaging gradients across ranks (exact topologies); a no-op for butterfly mixing."""
+        if self._buckets is not None:
             start = time.perf_counter()
-            for g in self._grad_groups:
-                collectives.allreduce(g.buffer, op="mean", algorithm=self.topology, comm=self.comm)
-            self.comm_seconds += time.perf_counter() - start
+            self._reattach_grads()
+            self._buckets.flush()
+            self._buckets.wait()
+            self._buckets.reset()
+            self.wait_seconds += time.perf_counter() - start
         self._synchronized = True
 
     @contextmanager
@@ -225,7 +289,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             start = time.perf_counter()
             with torch.no_grad():
                 mixing.mix(self.parameter_buffers, self.comm, self.step_count, self._scratch)
-            self.comm_seconds += time.perf_counter() - start
+            self._mixing_seconds += time.perf_counter() - start
+            self.wait_seconds += time.perf_counter() - start
         self.step_count += 1
         return loss
 

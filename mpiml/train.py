@@ -375,7 +375,7 @@ def run(cfg: Config) -> int:
         batches = batch_indices(len(y), cfg.batch_size, steps)
         first = pos.step_in_epoch if epoch == pos.epoch else 0
         loss_sum = pos.loss_sum if epoch == pos.epoch else 0.0
-        comm_before, wall = dopt.comm_seconds, Stopwatch()
+        comm_before, wait_before, wall = dopt.comm_seconds, dopt.wait_seconds, Stopwatch()
         bar = _progress(cfg, master, steps, first, f"epoch {epoch + 1}/{cfg.epochs}")
         with wall:
             for i in range(first, steps):
@@ -394,15 +394,16 @@ def run(cfg: Config) -> int:
                     _save(cfg, comm, dopt, fingerprint, _Position(epoch, i + 1, pos.global_step, loss_sum))
         if bar is not None:
             bar.close()
-        comm_time = dopt.comm_seconds - comm_before
+        comm_time, exposed = dopt.comm_seconds - comm_before, dopt.wait_seconds - wait_before
         mixed = cfg.topology == "butterfly-mixing"
         accuracy = _evaluate_average(model, dopt, test, comm) if mixed else _evaluate(model, test, comm)
-        totals = np.array([loss_sum, steps, wall.seconds - comm_time, comm_time, wall.seconds], dtype=np.float64)
+        totals = np.array([loss_sum, steps, wall.seconds - exposed, comm_time, exposed], dtype=np.float64)
         comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
         record = {
             "epoch": epoch + 1, "train_loss": totals[0] / totals[1], "test_accuracy": accuracy,
             "samples_per_sec": steps * cfg.batch_size * k / max(comm.allreduce(wall.seconds, op=MPI.MAX), 1e-12),
-            "compute_seconds": totals[2] / k, "comm_seconds": totals[3] / k, "steps": pos.global_step,
+            "compute_seconds": totals[2] / k, "comm_seconds": totals[3] / k, "exposed_comm_seconds": totals[4] / k,
+            "steps": pos.global_step,
             "lr": dopt.param_groups[0]["lr"],
         }
         if mixed:

@@ -10,7 +10,8 @@
 float64, int32, int64 or (torch) bfloat16, of any length; ops are "sum",
 "mean", "max", "min", "prod" (integer mean rounds down). ``ALGORITHMS`` maps
 names to implementations: "mpi" (the library's own), "ring", "tree",
-"butterfly".
+"butterfly", "hier" (node-aware, through shared memory) and "auto" (picks
+one per call from a measured size table).
 
 Every call first checks, with one small Allgather, that all ranks called the
 same collective with the same algorithm, op, dtype and length (and root). If
@@ -30,7 +31,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 from mpi4py import MPI
 
-from . import butterfly, mpi, ring, tree
+from . import auto, butterfly, hier, mpi, ring, tree
 from ._buffers import DTYPES, E_ALGORITHM, E_ROOT, E_TYPE, ERROR_TEXT, OPS, Flat, InputError, flatten, like, reduction
 from ._chunks import chunk_bounds
 
@@ -49,7 +50,8 @@ class Algorithm(NamedTuple):
 
 ALGORITHMS: dict[str, Algorithm] = {
     name: Algorithm(m.allreduce, m.reduce_scatter, m.allgather, m.broadcast)
-    for name, m in (("mpi", mpi), ("ring", ring), ("tree", tree), ("butterfly", butterfly))
+    for name, m in (("mpi", mpi), ("ring", ring), ("tree", tree), ("butterfly", butterfly), ("hier", hier),
+                    ("auto", auto))
 }
 
 

@@ -8,7 +8,7 @@ from mpi4py import MPI
 
 from mpiml import collectives
 
-ALGORITHMS = ["mpi", "ring", "tree", "butterfly"]
+ALGORITHMS = ["mpi", "ring", "tree", "butterfly", "hier"]  # "auto" dispatches to these: tested below
 OPS = ["sum", "mean", "max", "min", "prod"]
 NUMPY_DTYPES = ["float16", "float32", "float64", "int32", "int64"]
 MPI_OPS = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}
@@ -105,6 +105,21 @@ def test_any_communicator(comm, rng, algorithm):
         comm.Allreduce(MPI.IN_PLACE, values, MPI.SUM)
         assert np.array_equal(x, values)
         assert same_on_all_ranks(comm, x.tobytes())
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("dtype, kind", [("float32", "numpy"), ("bfloat16", "torch"), ("int64", "numpy")])
+def test_auto_matches_mpi(world, rng, dtype, kind):
+    from mpiml.collectives import auto, private_comm
+    chosen = set()
+    for n in (0, 1, 1001, 300001):
+        values = integer_values(rng, "sum", n)
+        x = make(values, dtype, kind)
+        collectives.allreduce(x, algorithm="auto")
+        want = oracle(values, "sum", dtype, world)
+        assert as_numpy(x).tobytes() == np.ascontiguousarray(as_numpy(want)).tobytes()
+        chosen.add(auto.choose(as_numpy(x).nbytes, private_comm(world)))
+    assert chosen <= set(ALGORITHMS)
 
 
 @pytest.mark.mpi(min_size=1)

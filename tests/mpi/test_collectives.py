@@ -9,7 +9,7 @@ from mpi4py import MPI
 from mpiml import collectives
 from mpiml.collectives import chunk_bounds
 
-ALGORITHMS = ["mpi", "ring", "tree", "butterfly"]
+ALGORITHMS = ["mpi", "ring", "tree", "butterfly", "hier", "auto"]
 
 
 @pytest.mark.mpi(min_size=1)

@@ -106,3 +106,75 @@ def test_butterfly_mixing_steps_locally_then_averages_with_a_partner():
     partner = mpiml.mixing.partner_for_step(comm.rank, comm.size, 0)
     expect = comm.rank if partner is None else (comm.rank + partner) / 2
     assert np.allclose(model.weight.detach().numpy(), expect)
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("topology", ["ring", "hier", "auto", "tree"])
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("bucket_bytes", [64, 1 << 22])
+def test_buckets_and_overlap_give_the_same_average(topology, overlap, bucket_bytes):
+    comm = MPI.COMM_WORLD
+    model, x, y = model_and_data(seed=100 + comm.rank)
+    opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, topology=topology,
+                                     overlap=overlap, bucket_bytes=bucket_bytes)
+    if bucket_bytes == 64 and comm.size > 1:
+        assert len(opt.buckets) >= 4  # small buckets: one or more per parameter
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.synchronize()
+    ref, _, _ = model_and_data(0)
+    loss = sum(torch.nn.functional.cross_entropy(ref(bx), by) for bx, by in
+               [model_and_data(100 + r)[1:] for r in range(comm.size)]) / comm.size
+    loss.backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+    digests = comm.allgather(mpiml.parameters_sha256(p.grad for p in model.parameters()))
+    assert len(set(digests)) == 1
+
+
+@pytest.mark.mpi(min_size=2)
+def test_overlap_starts_buckets_during_backward():
+    """With small buckets the last layer's bucket is reduced before backward reaches the first layer."""
+    comm = MPI.COMM_WORLD
+    model, x, y = model_and_data(seed=comm.rank)
+    opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, bucket_bytes=64)
+    first_layer = model[0].weight
+    seen = []
+    first_layer.register_post_accumulate_grad_hook(lambda p: seen.append([b.launched for b in opt.buckets]))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert seen and seen[0][0]  # bucket 0 (the last layer's gradients) was already launched
+    assert all(not b.launched for b in opt.buckets)  # re-armed for the next step
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("compression", ["fp16", "bf16"])
+def test_compression_is_close_to_exact(compression):
+    comm = MPI.COMM_WORLD
+    model, x, y = model_and_data(seed=100 + comm.rank)
+    exact, _, _ = model_and_data(0)
+    opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, compression=compression)
+    ref = mpiml.DistributedOptimizer(torch.optim.SGD(exact.parameters(), lr=0.1), exact)
+    for m, o in ((model, opt), (exact, ref)):
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        o.synchronize()
+    tolerance = 1e-2 if compression == "bf16" else 2e-3
+    for p, q in zip(model.parameters(), exact.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=tolerance, atol=tolerance * q.grad.abs().max().item())
+    digests = comm.allgather(mpiml.parameters_sha256(p.grad for p in model.parameters()))
+    assert len(set(digests)) == 1
+
+
+@pytest.mark.mpi(min_size=2)
+def test_many_overlapped_steps_keep_replicas_identical():
+    """Hundreds of steps with many small buckets: a race between the communication thread and the next
+    step (a bucket seen as done before it was reduced) would leave the replicas different."""
+    comm = MPI.COMM_WORLD
+    model, x, y = model_and_data(seed=comm.rank)
+    opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), model,
+                                     bucket_bytes=64)
+    for _ in range(400):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    digests = comm.allgather(mpiml.parameters_sha256(model.parameters()))
+    assert len(set(digests)) == 1

@@ -35,7 +35,7 @@ def test_exact_topologies_reach_95_percent_and_agree(mpi_tmp_path):
     accuracies = [f["test_accuracy"] for f in finals.values()]
     assert min(accuracies) >= 0.95, finals
     assert max(accuracies) - min(accuracies) <= 0.01, accuracies
-    assert all(f["ranks_consistent"] for f in finals.values())
+    assert all(f["ranks_consistent"] for f in finals.values()), finals
 
 
 @pytest.mark.slow

@@ -1,0 +1,197 @@
+"""Gradient buckets: allreduce each group of gradients as soon as backward has produced it.
+
+Parameters are laid out in one flat buffer per dtype in *reverse* order
+(backward produces gradients roughly from the last layer to the first), and
+cut into buckets of about ``bucket_bytes``: consecutive slices of that
+buffer, identical on every rank. ``.grad`` of every parameter is a view into
+its bucket. A post-accumulate-grad hook counts, per bucket, the parameters
+whose gradient is complete for this step (the last of
+``backward_passes_per_step`` passes: inner passes only accumulate); when a
+bucket is complete it is handed to a communication thread, which
+allreduces it while backward carries on with earlier layers. Buckets are
+always launched in index order, so every rank issues the same sequence of
+collectives even when some parameter got no gradient on some rank (its
+bucket, and the ones after it, are launched by ``flush`` at step time).
+
+``compression``: "fp16" or "bf16" casts each bucket (pre-scaled by 1/K, so
+the sum of K gradients cannot overflow where a single one did not) to half
+precision, sums it, and casts back: half the bytes on the wire, at the cost
+of one cast each way.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = ["Bucket", "GradientBuckets", "COMPRESSIONS"]
+
+COMPRESSIONS = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Bucket:
+    """A slice ``[lo, hi)`` of one flat gradient buffer and the parameters whose gradients live there."""
+
+    def __init__(self, index: int, buffer: torch.Tensor, lo: int, hi: int, params: list[int]) -> None:
+        self.index, self.buffer, self.lo, self.hi, self.params = index, buffer, lo, hi, params
+        self.view = buffer[lo:hi]
+        self.waiting = len(params)
+        self.launched = False
+        self.done = threading.Event()
+        self.compressed: torch.Tensor | None = None
+
+
+class GradientBuckets:
+    """Owns the bucket layout, the hooks and the communication thread of one DistributedOptimizer."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], spans: Sequence[tuple[torch.Tensor, int, int]],
+                 bucket_bytes: int, reduce: Callable[[torch.Tensor, str], None], world_size: int, overlap: bool,
+                 backward_passes_per_step: int, compression: str = "none") -> None:
+        """``spans[i] = (buffer, lo, hi)``: where parameter i's gradient lives in its flat buffer.
+
+        ``reduce(view, op)`` allreduces ``view`` in place with op "mean" or "sum".
+        """
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"unknown compression {compression!r}; choose from {', '.join(COMPRESSIONS)}")
+        self.reduce, self.world_size = reduce, world_size
+        self.overlap, self.passes = overlap, backward_passes_per_step
+        self.compression = COMPRESSIONS[compression]
+        self.spans = list(spans)
+        self.buckets = self._layout(spans, bucket_bytes)
+        self.bucket_of = {i: b for b in self.buckets for i in b.params}
+        self._countdown = [self.passes] * len(params)
+        self._next = 0
+        self._error: BaseException | None = None
+        self._queue: queue.Queue[Bucket | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self.comm_seconds = 0.0
+        self._hooks = []
+        if overlap:
+            for i, p in enumerate(params):
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._hook(i)))
+
+    @staticmethod
+    def _layout(spans: Sequence[tuple[torch.Tensor, int, int]], bucket_bytes: int) -> list[Bucket]:
+        order = sorted(range(len(spans)), key=lambda i: (id(spans[i][0]), spans[i][1]))
+        buckets: list[Bucket] = []
+        current: list[int] = []
+
+        def close() -> None:
+            if current:
+                buf = spans[current[0]][0]
+                lo, hi = spans[current[0]][1], spans[current[-1]][2]
+                buckets.append(Bucket(len(buckets), buf, lo, hi, list(current)))
+                current.clear()
+
+        for i in order:
+            buf, lo, hi = spans[i]
+            if current and (spans[current[0]][0] is not buf or
+                            (hi - spans[current[0]][1]) * buf.element_size() > bucket_bytes):
+                close()
+            current.append(i)
+        close()
+        return buckets
+
+    # ------------------------------------------------------------ hooks (autograd thread)
+
+    def _hook(self, i: int) -> Callable[[torch.Tensor], None]:
+        buffer, lo, hi = self.spans[i]
+        view = buffer[lo:hi]
+
+        def on_grad(param: torch.Tensor) -> None:
+            if param.grad is not None and param.grad.data_ptr() != view.data_ptr():
+                # .grad was set to None (or replaced) since the last step: put it back into the bucket
+                view.copy_(param.grad.reshape(-1))
+                param.grad = view.view(param.shape)
+            self._countdown[i] -= 1
+            if self._countdown[i] == 0:
+                bucket = self.bucket_of[i]
+                bucket.waiting -= 1
+                if bucket.waiting == 0:
+                    self._launch_ready()
+        return on_grad
+
+    def _launch_ready(self) -> None:
+        """Launch complete buckets in index order (never one before an earlier, incomplete one)."""
+        while self._next < len(self.buckets) and self.buckets[self._next].waiting == 0:
+            self._launch(self.buckets[self._next])
+            self._next += 1
+
+    def _launch(self, bucket: Bucket) -> None:
+        bucket.launched = True
+        if not self.overlap:
+            self._run(bucket)
+            bucket.done.set()
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._worker, name="mpiml-comm", daemon=True)
+            self._thread.start()
+        self._queue.put(bucket)
+
+    # ------------------------------------------------------------ the communication thread
+
+    def _worker(self) -> None:
+        while True:
+            bucket = self._queue.get()
+            if bucket is None:
+                return
+            try:
+                if self._error is None:
+                    self._run(bucket)
+            except BaseException as e:  # handed to the main thread in wait()
+                self._error = e
+            finally:
+                bucket.done.set()  # the last touch: wait() may re-arm the bucket as soon as this is set
+
+    def _run(self, bucket: Bucket) -> None:
+        start = time.perf_counter()
+        if self.compression is None:
+            self.reduce(bucket.view, "mean")
+        else:
+            if bucket.compressed is None:
+                bucket.compressed = torch.empty(bucket.hi - bucket.lo, dtype=self.compression)
+            bucket.view.mul_(1.0 / self.world_size)  # pre-scaled: the sum is the mean and cannot overflow
+            bucket.compressed.copy_(bucket.view)
+            self.reduce(bucket.compressed, "sum")
+            bucket.view.copy_(bucket.compressed)
+        self.comm_seconds += time.perf_counter() - start
+
+    # ------------------------------------------------------------ step time (main thread)
+
+    def flush(self) -> None:
+        """Launch every bucket not launched yet (parameters without a gradient count as zero), in order."""
+        for b in self.buckets[self._next:]:
+            b.waiting = 0
+        self._launch_ready()
+
+    def wait(self) -> float:
+        """Block until every launched bucket is reduced; returns the seconds spent waiting."""
+        start = time.perf_counter()
+        for b in self.buckets:
+            if b.launched:
+                b.done.wait()
+        waited = time.perf_counter() - start
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return waited
+
+    def reset(self) -> None:
+        """Arm the buckets for the next step."""
+        self._countdown = [self.passes] * len(self._countdown)
+        for b in self.buckets:
+            b.waiting, b.launched = len(b.params), False
+            b.done.clear()
+        self._next = 0
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
