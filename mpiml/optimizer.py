@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -26,12 +25,11 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from . import collectives, mixing
+from . import collectives, guards, mixing
 from .buckets import COMPRESSIONS, GradientBuckets
 from .runtime import UserError
 
-__all__ = ["DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_state", "parameters_sha256",
-           "TOPOLOGIES", "EXACT_TOPOLOGIES"]
+__all__ = ["DistributedOptimizer", "TOPOLOGIES", "EXACT_TOPOLOGIES", "DEFAULT_BUCKET_BYTES"]
 
 EXACT_TOPOLOGIES = ("mpi", "ring", "tree", "butterfly", "hier", "auto")
 DEFAULT_BUCKET_BYTES = 4 << 20
@@ -87,7 +85,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None,
                  topology: str = "ring", backward_passes_per_step: int = 1, comm: MPI.Comm | None = None,
-                 overlap: bool = True, bucket_bytes: int = DEFAULT_BUCKET_BYTES, compression: str = "none") -> None:
+                 overlap: bool = True, bucket_bytes: int = DEFAULT_BUCKET_BYTES, compression: str = "none",
+                 on_nan: str = "abort", check_consistency_every: int = 0) -> None:
         if topology not in TOPOLOGIES:
             raise UserError(f"unknown topology {topology!r}; choose from {', '.join(TOPOLOGIES)}")
         if backward_passes_per_step < 1:
@@ -96,6 +95,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise UserError(f"unknown compression {compression!r}; choose from {', '.join(COMPRESSIONS)}")
         if bucket_bytes < 1:
             raise UserError(f"bucket_bytes must be positive, got {bucket_bytes}")
+        if on_nan not in ("abort", "skip"):
+            raise UserError(f"on_nan must be 'abort' or 'skip', got {on_nan!r}")
+        if check_consistency_every < 0:
+            raise UserError(f"check_consistency_every must be >= 0, got {check_consistency_every}")
         self._inner: torch.optim.Optimizer | None = None
         # Optimizer's own constructor sets up hooks; its throwaway groups never reach the wrapped optimizer.
         super().__init__([torch.zeros(0, requires_grad=True)], {})
@@ -125,7 +128,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 spans[i] = (gg.buffer, *gg.bounds[j])
             self._param_groups.append(pg)
             self._grad_groups.append(gg)
+        self.on_nan, self.check_consistency_every = on_nan, check_consistency_every
+        self.skipped_steps: list[tuple[int, list[int]]] = []  # (step, ranks with non-finite gradients)
         self.step_count = 0
+        self._local_finite = True
         self.wait_seconds = 0.0  # time step() spent waiting for communication (the exposed part)
         self._mixing_seconds = 0.0
         self._synchronized = False
@@ -226,8 +232,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._arena = arena
         return allocate
 
-    def _reduce(self, view: torch.Tensor, op: str) -> None:
-        collectives.allreduce(view, op=op, algorithm=self.topology, comm=self.comm)
+    def _reduce(self, view: torch.Tensor, op: str, name: str) -> None:
+        collectives.allreduce(view, op=op, algorithm=self.topology, comm=self.comm, name=name)
 
     @property
     def comm_seconds(self) -> float:
@@ -263,9 +269,28 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._reattach_grads()
             self._buckets.flush()
             self._buckets.wait()
+            self._local_finite = self._buckets.local_finite
             self._buckets.reset()
             self.wait_seconds += time.perf_counter() - start
         self._synchronized = True
+
+    def _gradients_ok(self) -> bool:
+        """Collectively decide whether this step's gradients may reach the parameters (see mpiml.guards)."""
+        if self.comm.Get_size() == 1 and guards.finite(self.gradient_buffers):
+            return True
+        local = self._local_finite if self._buckets is not None else guards.finite(self.gradient_buffers)
+        bad = guards.agree_finite(local, self.comm, self.step_count) if self.comm.Get_size() > 1 else (
+            [] if local else [0])
+        if not bad:
+            return True
+        if self.on_nan == "abort":
+            raise guards.NonFiniteGradient(guards.non_finite_message(bad, self.step_count, "aborting (--on-nan abort)"))
+        self.skipped_steps.append((self.step_count, bad))
+        if self.comm.Get_rank() == 0:
+            print("warning: " + guards.non_finite_message(bad, self.step_count, "step skipped"), flush=True)
+        for g in self._grad_groups:
+            g.buffer.zero_()
+        return False
 
     @contextmanager
     def skip_synchronize(self) -> Iterator[None]:
@@ -284,6 +309,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if self._should_sync and not self._synchronized:
             self.synchronize()
         self._synchronized = False
+        if not self._gradients_ok():
+            self.step_count += 1
+            return loss
         self._inner.step()
         if self.topology == "butterfly-mixing" and self.comm.Get_size() > 1:
             start = time.perf_counter()
@@ -292,50 +320,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._mixing_seconds += time.perf_counter() - start
             self.wait_seconds += time.perf_counter() - start
         self.step_count += 1
+        if (self.check_consistency_every and self.topology in EXACT_TOPOLOGIES
+                and self.step_count % self.check_consistency_every == 0):
+            guards.check_consistency(self.parameter_buffers, self.comm, self.step_count)
         return loss
-
-
-def _tensors(params: Any) -> list[tuple[str, torch.Tensor]]:
-    if isinstance(params, torch.nn.Module):
-        return list(params.state_dict().items())
-    if isinstance(params, dict):
-        return list(params.items())
-    items = list(params)
-    if items and isinstance(items[0], tuple):
-        return [(str(n), t) for n, t in items]
-    return [(f"tensor.{i}", t) for i, t in enumerate(items)]
-
-
-def broadcast_parameters(params: torch.nn.Module | dict[str, torch.Tensor] | Iterable[Any], root: int = 0,
-                         comm: MPI.Comm | None = None) -> None:
-    """Overwrite every rank's tensors with rank ``root``'s, in place.
-
-    ``params``: a module (its state_dict, buffers included), a state dict,
-    ``named_parameters()``, or an iterable of tensors, in the same order on
-    every rank.
-    """
-    with torch.no_grad():
-        for _, t in _tensors(params):
-            if t.is_contiguous():
-                collectives.broadcast(t.data, root=root, comm=comm)
-            else:
-                tmp = t.detach().contiguous()
-                collectives.broadcast(tmp, root=root, comm=comm)
-                t.data.copy_(tmp)
-
-
-def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root: int = 0, comm: MPI.Comm | None = None) -> None:
-    """Give every rank rank ``root``'s optimizer state (hyper-parameters and per-parameter buffers)."""
-    comm = MPI.COMM_WORLD if comm is None else comm
-    state = optimizer.state_dict() if comm.Get_rank() == root else None
-    state = comm.bcast(state, root=root)
-    if comm.Get_rank() != root:
-        optimizer.load_state_dict(state)
-
-
-def parameters_sha256(params: Iterable[torch.Tensor]) -> str:
-    """SHA-256 of the parameters' bytes, in order: equal hashes mean bitwise equal replicas."""
-    h = hashlib.sha256()
-    for t in params:
-        h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()

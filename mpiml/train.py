@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from . import checkpoint, mixing
+from . import checkpoint, mixing, watchdog
 from .data import DataError, ShardedData, batch_indices, block, open_source
 from .metrics import MetricsLog, Stopwatch
 from .models import MODELS, ModelError, build_model
-from .optimizer import EXACT_TOPOLOGIES, TOPOLOGIES, DistributedOptimizer, broadcast_parameters, parameters_sha256
+from .optimizer import DEFAULT_BUCKET_BYTES, TOPOLOGIES, DistributedOptimizer
+from .params import broadcast_parameters, parameters_sha256
 from .runtime import UserError, abort_on_exception, agree
 
 __all__ = ["Config", "parse_args", "main", "run"]
@@ -68,6 +69,13 @@ class Config:
     resume: bool = False
     threads: int = 1
     progress: bool = True
+    overlap: bool = True
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    compression: str = "none"
+    stall_warning: float = 60.0
+    timeout: float = 600.0
+    on_nan: str = "abort"
+    check_consistency_every: int = 0
 
     def hidden_sizes(self) -> tuple[int, ...]:
         try:
@@ -86,6 +94,11 @@ class Config:
             (self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}"),
             (self.keep_checkpoints >= 0, f"--keep-checkpoints must be >= 0, got {self.keep_checkpoints}"),
             (self.threads >= 1, f"--threads must be at least 1, got {self.threads}"),
+            (self.bucket_bytes >= 1, f"--bucket-bytes must be positive, got {self.bucket_bytes}"),
+            (self.timeout >= 0, f"--timeout must be >= 0 (0: never), got {self.timeout}"),
+            (self.stall_warning >= 0, f"--stall-warning must be >= 0 (0: never), got {self.stall_warning}"),
+            (self.check_consistency_every >= 0,
+             f"--check-consistency-every must be >= 0, got {self.check_consistency_every}"),
             (not self.resume or self.checkpoint_dir, "--resume needs --checkpoint-dir"),
             (self.classes is None or self.classes >= 2, f"--classes must be at least 2, got {self.classes}"),
         ]
@@ -143,6 +156,20 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads per rank (default %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="combine gradients after backward instead of bucket by bucket during it")
+    p.add_argument("--bucket-bytes", type=int, default=d.bucket_bytes,
+                   help="gradient bucket size for overlap (default %(default)s)")
+    p.add_argument("--compression", choices=("none", "fp16", "bf16"), default=d.compression,
+                   help="gradients on the wire (default %(default)s)")
+    p.add_argument("--stall-warning", type=float, default=d.stall_warning, metavar="SECONDS",
+                   help="rank 0 reports a collective stuck this long, and who has not arrived (0: never)")
+    p.add_argument("--timeout", type=float, default=d.timeout, metavar="SECONDS",
+                   help="abort the job when a collective is stuck this long (0: never; default %(default)s)")
+    p.add_argument("--on-nan", choices=("abort", "skip"), default=d.on_nan,
+                   help="a NaN/Inf gradient on any rank aborts (default) or skips that step everywhere")
+    p.add_argument("--check-consistency-every", type=int, default=d.check_consistency_every, metavar="STEPS",
+                   help="compare parameter fingerprints across ranks every STEPS steps (exact topologies)")
     args = p.parse_args(argv)
     return Config(**vars(args))
 
@@ -339,14 +366,36 @@ def _incompatible(cfg: Config, payload: dict[str, Any], fingerprint: dict[str, A
 
 
 def run(cfg: Config) -> int:
-    comm = MPI.COMM_WORLD
-    k, r = comm.Get_size(), comm.Get_rank()
-    master = r == 0
     cfg.validate()
+    dog = watchdog.install(watchdog.Watchdog(MPI.COMM_WORLD, cfg.stall_warning, cfg.timeout))
+    try:
+        return _train(cfg, dog)
+    finally:
+        watchdog.uninstall()
+
+
+@dataclass
+class _Run:
+    """Everything one training run carries from step to step."""
+
+    cfg: Config
+    comm: MPI.Comm
+    shard: ShardedData
+    test: tuple[np.ndarray, np.ndarray]
+    model: torch.nn.Module
+    dopt: DistributedOptimizer
+    fingerprint: dict[str, Any]
+    log: MetricsLog
+    dog: watchdog.Watchdog
+    pos: _Position
+    steps0: int = 0
+    accuracy: float = float("nan")
+
+
+def _setup(cfg: Config, dog: watchdog.Watchdog) -> _Run:
+    comm = MPI.COMM_WORLD
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    started = time.perf_counter()
-
     shard, test, classes = _open_data(cfg, comm)
     sample_shape = shard.source.sample_shape
 
@@ -358,78 +407,107 @@ def run(cfg: Config) -> int:
 
     model = agree(comm, make)
     broadcast_parameters(model, root=0, comm=comm)
-    dopt = DistributedOptimizer(_make_optimizer(cfg, model), model, topology=cfg.topology, comm=comm)
+    dopt = DistributedOptimizer(_make_optimizer(cfg, model), model, topology=cfg.topology, comm=comm,
+                                overlap=cfg.overlap, bucket_bytes=cfg.bucket_bytes, compression=cfg.compression,
+                                on_nan=cfg.on_nan, check_consistency_every=cfg.check_consistency_every)
     fingerprint = _fingerprint(cfg, sample_shape, classes, model)
     pos = _resume(cfg, comm, dopt, fingerprint) if cfg.resume else _Position()
-    log = MetricsLog(cfg.metrics, master, append=cfg.resume and pos.global_step > 0)
-    if master:
+    log = MetricsLog(cfg.metrics, comm.Get_rank() == 0, append=cfg.resume and pos.global_step > 0)
+    if comm.Get_rank() == 0:
+        k = comm.Get_size()
         print(f"mpiml.train: {k} rank{'s' if k > 1 else ''}, topology {cfg.topology}, model {cfg.model}, "
               f"data {shard.source.name} ({shard.source.n} rows, {classes} classes), "
               f"batch {cfg.batch_size} per rank", flush=True)
+    with watchdog.watch("steps per epoch"):
+        steps0 = comm.allreduce(math.ceil(len(shard.own_train_rows) / cfg.batch_size), op=MPI.MAX)
+    return _Run(cfg, comm, shard, test, model, dopt, fingerprint, log, dog, pos, steps0)
 
-    steps0 = comm.allreduce(math.ceil(len(shard.own_train_rows) / cfg.batch_size), op=MPI.MAX)
-    accuracy = float("nan")
-    for epoch in range(pos.epoch, cfg.epochs):
-        x, y = shard.epoch_data(epoch)
+
+def _train_epoch(run: _Run, epoch: int) -> None:
+    cfg, comm, dopt, pos = run.cfg, run.comm, run.dopt, run.pos
+    x, y = run.shard.epoch_data(epoch)
+    with watchdog.watch("steps per epoch"):
         steps = comm.allreduce(math.ceil(len(y) / cfg.batch_size), op=MPI.MAX)
-        batches = batch_indices(len(y), cfg.batch_size, steps)
-        first = pos.step_in_epoch if epoch == pos.epoch else 0
-        loss_sum = pos.loss_sum if epoch == pos.epoch else 0.0
-        comm_before, wait_before, wall = dopt.comm_seconds, dopt.wait_seconds, Stopwatch()
-        bar = _progress(cfg, master, steps, first, f"epoch {epoch + 1}/{cfg.epochs}")
-        with wall:
-            for i in range(first, steps):
-                for group in dopt.param_groups:
-                    group["lr"] = _lr_at(cfg, pos.global_step, steps0, k)
-                xb, yb = torch.from_numpy(x[batches[i]]), torch.from_numpy(y[batches[i]])
-                loss = F.cross_entropy(model(xb), yb)
-                dopt.zero_grad()
-                loss.backward()
-                dopt.step()
-                loss_sum += float(loss.detach())
-                pos.global_step += 1
-                if bar is not None:
-                    bar.update(1)
-                if cfg.checkpoint_dir and cfg.checkpoint_every and pos.global_step % cfg.checkpoint_every == 0:
-                    _save(cfg, comm, dopt, fingerprint, _Position(epoch, i + 1, pos.global_step, loss_sum))
-        if bar is not None:
-            bar.close()
-        comm_time, exposed = dopt.comm_seconds - comm_before, dopt.wait_seconds - wait_before
-        mixed = cfg.topology == "butterfly-mixing"
-        accuracy = _evaluate_average(model, dopt, test, comm) if mixed else _evaluate(model, test, comm)
-        totals = np.array([loss_sum, steps, wall.seconds - exposed, comm_time, exposed], dtype=np.float64)
-        comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
-        record = {
-            "epoch": epoch + 1, "train_loss": totals[0] / totals[1], "test_accuracy": accuracy,
-            "samples_per_sec": steps * cfg.batch_size * k / max(comm.allreduce(wall.seconds, op=MPI.MAX), 1e-12),
-            "compute_seconds": totals[2] / k, "comm_seconds": totals[3] / k, "exposed_comm_seconds": totals[4] / k,
-            "steps": pos.global_step,
-            "lr": dopt.param_groups[0]["lr"],
-        }
-        if mixed:
-            record["replica_drift"] = mixing.replica_drift(dopt.parameter_buffers, comm)
-        log.write(record)
-        if master:
-            drift = f"  drift {record['replica_drift']:.2e}" if mixed else ""
-            print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
-                  f"test acc {100 * accuracy:6.2f}%  {record['samples_per_sec']:9.0f} samples/s  "
-                  f"compute {record['compute_seconds']:.2f}s  comm {record['comm_seconds']:.2f}s{drift}", flush=True)
+    batches = batch_indices(len(y), cfg.batch_size, steps)
+    first = pos.step_in_epoch if epoch == pos.epoch else 0
+    loss_sum = pos.loss_sum if epoch == pos.epoch else 0.0
+    comm_before, wait_before, wall = dopt.comm_seconds, dopt.wait_seconds, Stopwatch()
+    bar = _progress(cfg, comm.Get_rank() == 0, steps, first, f"epoch {epoch + 1}/{cfg.epochs}")
+    with wall:
+        for i in range(first, steps):
+            run.dog.step = pos.global_step
+            for group in dopt.param_groups:
+                group["lr"] = _lr_at(cfg, pos.global_step, run.steps0, comm.Get_size())
+            xb, yb = torch.from_numpy(x[batches[i]]), torch.from_numpy(y[batches[i]])
+            loss = F.cross_entropy(run.model(xb), yb)
+            dopt.zero_grad()
+            loss.backward()
+            dopt.step()
+            loss_sum += float(loss.detach())
+            pos.global_step += 1
+            if bar is not None:
+                bar.update(1)
+            if cfg.checkpoint_dir and cfg.checkpoint_every and pos.global_step % cfg.checkpoint_every == 0:
+                _save(cfg, comm, dopt, run.fingerprint, _Position(epoch, i + 1, pos.global_step, loss_sum))
+    if bar is not None:
+        bar.close()
+    times = (wall.seconds, dopt.comm_seconds - comm_before, dopt.wait_seconds - wait_before)
+    with watchdog.watch("end of epoch"):
+        _report_epoch(run, epoch, steps, loss_sum, *times)
         if cfg.checkpoint_dir:
-            _save(cfg, comm, dopt, fingerprint, _Position(epoch + 1, 0, pos.global_step, 0.0))
+            _save(cfg, comm, dopt, run.fingerprint, _Position(epoch + 1, 0, pos.global_step, 0.0))
 
+
+def _report_epoch(run: _Run, epoch: int, steps: int, loss_sum: float, wall: float, comm_time: float,
+                  exposed: float) -> None:
+    cfg, comm, dopt = run.cfg, run.comm, run.dopt
+    k = comm.Get_size()
+    mixed = cfg.topology == "butterfly-mixing"
+    run.accuracy = _evaluate_average(run.model, dopt, run.test, comm) if mixed else _evaluate(run.model, run.test,
+                                                                                              comm)
+    totals = np.array([loss_sum, steps, wall - exposed, comm_time, exposed], dtype=np.float64)
+    comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
+    record = {
+        "epoch": epoch + 1, "train_loss": totals[0] / totals[1], "test_accuracy": run.accuracy,
+        "samples_per_sec": steps * cfg.batch_size * k / max(comm.allreduce(wall, op=MPI.MAX), 1e-12),
+        "compute_seconds": totals[2] / k, "comm_seconds": totals[3] / k, "exposed_comm_seconds": totals[4] / k,
+        "steps": run.pos.global_step, "lr": dopt.param_groups[0]["lr"],
+    }
+    if mixed:
+        record["replica_drift"] = mixing.replica_drift(dopt.parameter_buffers, comm)
+    if dopt.skipped_steps:
+        record["skipped_steps"] = len(dopt.skipped_steps)
+    run.log.write(record)
+    if comm.Get_rank() == 0:
+        drift = f"  drift {record['replica_drift']:.2e}" if mixed else ""
+        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
+              f"test acc {100 * run.accuracy:6.2f}%  {record['samples_per_sec']:9.0f} samples/s  "
+              f"compute {record['compute_seconds']:.2f}s  comm {record['comm_seconds']:.2f}s{drift}", flush=True)
+
+
+def _finish(run: _Run, started: float) -> None:
+    cfg, comm, dopt = run.cfg, run.comm, run.dopt
     if cfg.topology == "butterfly-mixing":
         mixing.average_replicas(dopt.parameter_buffers, comm)  # the reported model is the replicas' average
-        accuracy = _evaluate(model, test, comm)
-    digest = parameters_sha256(dopt.parameter_buffers)
-    digests = comm.allgather(digest)
-    final = {"final": True, "test_accuracy": accuracy, "params_sha256": digests[0],
-             "ranks_consistent": all(d == digests[0] for d in digests), "ranks": k, "topology": cfg.topology,
-             "model": cfg.model, "epochs": cfg.epochs, "steps": pos.global_step,
+        run.accuracy = _evaluate(run.model, run.test, comm)
+    digests = comm.allgather(parameters_sha256(dopt.parameter_buffers))
+    final = {"final": True, "test_accuracy": run.accuracy, "params_sha256": digests[0],
+             "ranks_consistent": all(d == digests[0] for d in digests), "ranks": comm.Get_size(),
+             "topology": cfg.topology, "model": cfg.model, "epochs": cfg.epochs, "steps": run.pos.global_step,
              "wall_seconds": comm.allreduce(time.perf_counter() - started, op=MPI.MAX)}
-    log.write(final)
-    if master:
-        print(f"final: test accuracy {100 * accuracy:.2f}%  params sha256 {digests[0][:16]}  "
+    run.log.write(final)
+    if comm.Get_rank() == 0:
+        print(f"final: test accuracy {100 * run.accuracy:.2f}%  params sha256 {digests[0][:16]}  "
               f"ranks consistent: {'yes' if final['ranks_consistent'] else 'NO'}", flush=True)
+
+
+def _train(cfg: Config, dog: watchdog.Watchdog) -> int:
+    started = time.perf_counter()
+    run = _setup(cfg, dog)
+    for epoch in range(run.pos.epoch, cfg.epochs):
+        _train_epoch(run, epoch)
+    with watchdog.watch("final"):
+        _finish(run, started)
     return 0
 
 

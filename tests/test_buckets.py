@@ -19,8 +19,8 @@ def setup(sizes, bucket_bytes, overlap=True, passes=1, compression="none"):
         offset += sizes[i]
     calls = []
 
-    def reduce(view, op):
-        calls.append((threading.current_thread().name, view.numel(), op, view.dtype))
+    def reduce(view, op, name):
+        calls.append((threading.current_thread().name, view.numel(), op, view.dtype, name))
         view.mul_(10)  # a recognisable stand-in for "averaged across ranks"
     return params, buffer, GradientBuckets(params, spans, bucket_bytes, reduce, 2, overlap, passes, compression), calls
 
@@ -43,6 +43,7 @@ def test_overlap_reduces_every_bucket_once_on_the_comm_thread():
     b.wait()
     assert sorted(c[1] for c in calls) == [10, 40, 50]
     assert all(c[0] == "mpiml-comm" and c[2] == "mean" for c in calls)
+    assert [c[4] for c in calls] == [f"gradients step 0 bucket {i}" for i in range(3)]
     for i, p in enumerate(params):
         assert torch.equal(p.grad, torch.full_like(p, 10.0 * (i + 1)))
     b.reset()

@@ -31,6 +31,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 from mpi4py import MPI
 
+from .. import watchdog
 from . import auto, butterfly, hier, mpi, ring, tree
 from ._buffers import DTYPES, E_ALGORITHM, E_ROOT, E_TYPE, ERROR_TEXT, OPS, Flat, InputError, flatten, like, reduction
 from ._chunks import chunk_bounds
@@ -89,7 +90,7 @@ def private_comm(comm: MPI.Comm | None) -> MPI.Comm:
 # ---------------------------------------------------------------- agreement check
 
 _KINDS = ("allreduce", "reduce_scatter", "allgather", "broadcast")
-_FIELDS = ("collective", "algorithm", "op", "dtype", "length", "root")
+_FIELDS = ("collective", "algorithm", "op", "dtype", "length", "root", "error", "name")
 
 
 @lru_cache(maxsize=64)
@@ -104,6 +105,7 @@ class _Args(NamedTuple):
     flat: Flat | None
     root: int
     error: InputError | None
+    name: str | None = None
 
 
 def _agree(comm: MPI.Comm, args: _Args, same_length: bool = True) -> np.ndarray | None:
@@ -121,6 +123,7 @@ def _agree(comm: MPI.Comm, args: _Args, same_length: bool = True) -> np.ndarray 
         flat.array.size if flat is not None else -1,
         args.root,
         args.error.code if args.error is not None else 0,
+        _code(args.name) if args.name else 0,
     ))
     p = comm.Get_size()
     table = bytearray(len(mine) * mine.itemsize * p)
@@ -128,13 +131,15 @@ def _agree(comm: MPI.Comm, args: _Args, same_length: bool = True) -> np.ndarray 
     if same_length and args.error is None and table == mine.tobytes() * p:
         return None  # everyone agrees: the common case, decided without decoding anything
     table = np.frombuffer(table, dtype=np.int64).reshape(p, len(mine))
-    problems = _describe(table, comm.Get_rank(), args, same_length)
+    names = comm.allgather(args.name) if len(set(table[:, 7].tolist())) > 1 else None
+    problems = _describe(table, comm.Get_rank(), args, same_length, names)
     if problems:
         raise CollectiveError(f"{args.kind}: " + "; ".join(problems))
     return table
 
 
-def _describe(table: np.ndarray, me: int, args: _Args, same_length: bool) -> list[str]:
+def _describe(table: np.ndarray, me: int, args: _Args, same_length: bool,
+              call_names: list[str | None] | None = None) -> list[str]:
     problems = []
     for rank in np.flatnonzero(table[:, 6]):
         code = int(table[rank, 6])
@@ -152,8 +157,9 @@ def _describe(table: np.ndarray, me: int, args: _Args, same_length: bool) -> lis
         3: lambda c: DTYPES[c] if c >= 0 else "no valid buffer",
         4: lambda c: str(c),
         5: lambda c: str(c),
+        7: lambda c: repr(next((n for n in call_names or [] if n and _code(n) == c), None)),
     }
-    compared = [0, 1, 3, 5] + ([2] if args.kind in ("allreduce", "reduce_scatter") else []) + (
+    compared = [0, 1, 3, 5, 7] + ([2] if args.kind in ("allreduce", "reduce_scatter") else []) + (
         [4] if same_length else [])
     for col in sorted(compared):
         values = table[:, col]
@@ -172,7 +178,8 @@ def _ranks(ranks: list[int]) -> str:
     return ",".join(map(str, ranks)) if len(ranks) <= 8 else f"{ranks[0]}..{ranks[-1]} ({len(ranks)} ranks)"
 
 
-def _prepare(kind: str, x: Any, algorithm: str, op: str, root: int, comm: MPI.Comm, writeable: bool = True) -> _Args:
+def _prepare(kind: str, x: Any, algorithm: str, op: str, root: int, comm: MPI.Comm, writeable: bool = True,
+             name: str | None = None) -> _Args:
     """Validate one rank's arguments without raising: errors travel through the agreement check."""
     flat, error = None, None
     try:
@@ -187,29 +194,36 @@ def _prepare(kind: str, x: Any, algorithm: str, op: str, root: int, comm: MPI.Co
         error = e
     except Exception as e:  # anything odd about the buffer is still reported collectively
         error = InputError(f"{type(e).__name__}: {e}", E_TYPE)
-    return _Args(kind, algorithm, op, flat, root, error)
+    return _Args(kind, algorithm, op, flat, root, error, name)
 
 
 # ---------------------------------------------------------------- public collectives
 
 
-def allreduce(x: Any, op: str = "sum", algorithm: str = "ring", comm: MPI.Comm | None = None) -> Any:
+def allreduce(x: Any, op: str = "sum", algorithm: str = "ring", comm: MPI.Comm | None = None,
+              name: str | None = None) -> Any:
     """Reduce ``x`` element-wise across all ranks of ``comm``, in place; returns ``x``.
 
     Every rank ends with bitwise identical values. Raises CollectiveError on
-    every rank if the ranks disagree on algorithm, op, dtype or length, or
-    if any rank's arguments are invalid.
+    every rank if the ranks disagree on algorithm, op, dtype, length or
+    ``name`` (an optional label: a rank that skipped a call shows up as
+    passing a different name), or if any rank's arguments are invalid.
     """
     comm = private_comm(comm)
-    args = _prepare("allreduce", x, algorithm, op, 0, comm)
-    _agree(comm, args)
-    flat = args.flat
-    if flat.array.size:
-        ALGORITHMS[algorithm].allreduce(flat.array, reduction(op, flat.dtype), comm)
+    seq = watchdog.enter(name or "allreduce")
+    try:
+        args = _prepare("allreduce", x, algorithm, op, 0, comm, name=name)
+        _agree(comm, args)
+        flat = args.flat
+        if flat.array.size:
+            ALGORITHMS[algorithm].allreduce(flat.array, reduction(op, flat.dtype), comm)
+    finally:
+        watchdog.leave(seq)
     return x
 
 
-def reduce_scatter(x: Any, op: str = "sum", algorithm: str = "ring", comm: MPI.Comm | None = None) -> Any:
+def reduce_scatter(x: Any, op: str = "sum", algorithm: str = "ring", comm: MPI.Comm | None = None,
+                   name: str | None = None) -> Any:
     """Reduce ``x`` across ranks, leaving rank r's segment complete; returns that segment.
 
     Segments follow ``chunk_bounds(len, p)`` over the flattened ``x`` (the
@@ -217,44 +231,46 @@ def reduce_scatter(x: Any, op: str = "sum", algorithm: str = "ring", comm: MPI.C
     view into ``x``; the rest of ``x`` is used as scratch and left undefined.
     """
     comm = private_comm(comm)
-    args = _prepare("reduce_scatter", x, algorithm, op, 0, comm)
-    _agree(comm, args)
-    flat = args.flat
-    if flat.array.size:
-        lo, hi = ALGORITHMS[algorithm].reduce_scatter(flat.array, reduction(op, flat.dtype), comm)
-    else:
+    with watchdog.watch(name or "reduce_scatter"):
+        args = _prepare("reduce_scatter", x, algorithm, op, 0, comm, name=name)
+        _agree(comm, args)
+        flat = args.flat
         lo = hi = 0
+        if flat.array.size:
+            lo, hi = ALGORITHMS[algorithm].reduce_scatter(flat.array, reduction(op, flat.dtype), comm)
     return _view(flat, lo, hi)
 
 
-def allgather(chunk: Any, algorithm: str = "ring", comm: MPI.Comm | None = None) -> Any:
+def allgather(chunk: Any, algorithm: str = "ring", comm: MPI.Comm | None = None, name: str | None = None) -> Any:
     """Concatenate every rank's (flattened) ``chunk`` in rank order; returns a new 1-D buffer.
 
     Chunks may have different lengths on different ranks; dtypes must agree.
     The result is a numpy array or torch tensor, like ``chunk``.
     """
     comm = private_comm(comm)
-    args = _prepare("allgather", chunk, algorithm, "sum", 0, comm, writeable=False)
-    table = _agree(comm, args, same_length=False)
-    lengths = table[:, 4].tolist()
-    bounds = [0]
-    for n in lengths:
-        bounds.append(bounds[-1] + n)
-    out, view = like(args.flat, bounds[-1])
-    r = comm.Get_rank()
-    view[bounds[r]:bounds[r + 1]] = args.flat.array
-    if bounds[-1]:
-        ALGORITHMS[algorithm].allgather(view, bounds, comm)
+    with watchdog.watch(name or "allgather"):
+        args = _prepare("allgather", chunk, algorithm, "sum", 0, comm, writeable=False, name=name)
+        table = _agree(comm, args, same_length=False)
+        bounds = [0]
+        for n in table[:, 4].tolist():
+            bounds.append(bounds[-1] + n)
+        out, view = like(args.flat, bounds[-1])
+        r = comm.Get_rank()
+        view[bounds[r]:bounds[r + 1]] = args.flat.array
+        if bounds[-1]:
+            ALGORITHMS[algorithm].allgather(view, bounds, comm)
     return out
 
 
-def broadcast(x: Any, root: int = 0, algorithm: str = "mpi", comm: MPI.Comm | None = None) -> Any:
+def broadcast(x: Any, root: int = 0, algorithm: str = "mpi", comm: MPI.Comm | None = None,
+              name: str | None = None) -> Any:
     """Copy ``x`` from rank ``root`` to every rank, in place; returns ``x``."""
     comm = private_comm(comm)
-    args = _prepare("broadcast", x, algorithm, "sum", root, comm)
-    _agree(comm, args)
-    if args.flat.array.size:
-        ALGORITHMS[algorithm].broadcast(args.flat.array, root, comm)
+    with watchdog.watch(name or "broadcast"):
+        args = _prepare("broadcast", x, algorithm, "sum", root, comm, name=name)
+        _agree(comm, args)
+        if args.flat.array.size:
+            ALGORITHMS[algorithm].broadcast(args.flat.array, root, comm)
     return x
 
 

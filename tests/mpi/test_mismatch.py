@@ -110,3 +110,14 @@ def test_intercommunicator_rejected(world):
     with pytest.raises(TypeError, match="intracommunicator"):
         collectives.allreduce(np.ones(3), comm="not a communicator")
     assert isinstance(MPI.COMM_WORLD, MPI.Intracomm)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_rank_that_skipped_a_named_collective_is_named(world):
+    """Same length, dtype and op: only the name tells the skipped call from the next one."""
+    x = np.ones(8)
+    names = ["step 3", "step 4"] if world.rank != 1 else ["step 4"]  # rank 1 skipped step 3
+    with pytest.raises(CollectiveError, match=r"ranks disagree on name: 'step 3' on ranks? 0.*'step 4' on rank 1"):
+        for name in names:
+            collectives.allreduce(x, name=name)
+    collectives.allreduce(x, name="step 4")  # everyone agrees again: the communicator still works

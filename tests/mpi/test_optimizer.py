@@ -6,6 +6,7 @@ import torch
 from mpi4py import MPI
 
 import mpiml
+import mpiml.guards
 import mpiml.mixing
 
 
@@ -178,3 +179,55 @@ def test_many_overlapped_steps_keep_replicas_identical():
         opt.step()
     digests = comm.allgather(mpiml.parameters_sha256(model.parameters()))
     assert len(set(digests)) == 1
+
+
+def poisoned_step(opt, model, x, y, poison):
+    opt.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    if poison:
+        loss = loss * float("nan")
+    loss.backward()
+    opt.step()
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("topology", ["ring", "butterfly-mixing"])
+def test_nan_gradient_aborts_naming_rank_and_step(topology):
+    comm = MPI.COMM_WORLD
+    model, x, y = model_and_data(seed=comm.rank)
+    opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, topology=topology)
+    before = [p.detach().clone() for p in model.parameters()]
+    poisoned_step(opt, model, x, y, poison=False)
+    after_first = [p.detach().clone() for p in model.parameters()]
+    bad = comm.size - 1
+    with pytest.raises(mpiml.guards.NonFiniteGradient, match=f"at step 1 on rank {bad}; aborting"):
+        poisoned_step(opt, model, x, y, poison=comm.rank == bad)
+    for p, q in zip(model.parameters(), after_first):  # nothing non-finite reached any rank's parameters
+        assert torch.equal(p.detach(), q)
+    assert any(not torch.equal(p, q) for p, q in zip(before, after_first))
+
+
+@pytest.mark.mpi(min_size=1)
+def test_nan_gradient_skip_continues():
+    comm = MPI.COMM_WORLD
+    model, x, y = model_and_data(seed=comm.rank)
+    opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, on_nan="skip")
+    poisoned_step(opt, model, x, y, poison=comm.rank == 0)
+    assert opt.skipped_steps == [(0, [0])]
+    poisoned_step(opt, model, x, y, poison=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert len(set(comm.allgather(mpiml.parameters_sha256(model.parameters())))) == 1
+
+
+@pytest.mark.mpi(min_size=2)
+def test_consistency_check_names_the_diverged_rank():
+    comm = MPI.COMM_WORLD
+    model, x, y = model_and_data(seed=comm.rank)
+    opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                     check_consistency_every=2)
+    poisoned_step(opt, model, x, y, poison=False)
+    if comm.rank == 1:
+        with torch.no_grad():
+            model[0].bias[0] += 1e-3  # a silent corruption on one rank
+    with pytest.raises(mpiml.guards.ReplicasDiverged, match=r"replicas diverged at step 2: .*rank 1 hold"):
+        poisoned_step(opt, model, x, y, poison=False)
