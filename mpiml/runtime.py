@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import sys
 import traceback
 from typing import Any, Callable, TypeVar
@@ -19,17 +20,25 @@ class UserError(ValueError):
     """Bad input from the user; the message names the problem (no traceback needed)."""
 
 
-def init(threads: int | None = None) -> None:
-    """Initialise MPI if needed (mpi4py does it on import); idempotent.
+def init(threads: int | None = None, stall_warning: float = 60.0, timeout: float = 600.0) -> None:
+    """Initialise MPI if needed (mpi4py does it on import) and start the stall watchdog; idempotent.
 
     ``threads``: if given, ``torch.set_num_threads(threads)``; with one rank
     per core, 1 is right, and it is what ``python -m mpiml.train`` uses.
+    ``stall_warning`` / ``timeout`` (seconds, 0: never): rank 0 reports an
+    mpiml collective stuck that long and which ranks have not arrived; after
+    ``timeout`` the job is aborted (see ``mpiml.watchdog``). Collective:
+    every rank must call it.
     """
     if not MPI.Is_initialized():
         MPI.Init_thread(MPI.THREAD_MULTIPLE)
     if threads is not None:
         import torch
         torch.set_num_threads(threads)
+    from . import watchdog
+    if watchdog.active() is None and (stall_warning > 0 or timeout > 0):
+        watchdog.install(watchdog.Watchdog(MPI.COMM_WORLD, stall_warning, timeout))
+        atexit.register(watchdog.uninstall)  # before mpi4py finalizes MPI (atexit runs last-in, first-out)
 
 
 def is_initialized() -> bool:

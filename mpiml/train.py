@@ -40,6 +40,8 @@ from .runtime import UserError, abort_on_exception, agree
 
 __all__ = ["Config", "parse_args", "main", "run"]
 
+FAULTS = ("hang", "kill", "exit", "nan", "corrupt")
+
 
 @dataclass
 class Config:
@@ -76,6 +78,7 @@ class Config:
     timeout: float = 600.0
     on_nan: str = "abort"
     check_consistency_every: int = 0
+    fault: str | None = None
 
     def hidden_sizes(self) -> tuple[int, ...]:
         try:
@@ -106,6 +109,15 @@ class Config:
             if not ok:
                 raise UserError(message)
         self.hidden_sizes()
+        self.parsed_fault()
+
+    def parsed_fault(self) -> tuple[str, int, int] | None:
+        if not self.fault:
+            return None
+        parts = self.fault.split(":")
+        if len(parts) != 3 or parts[0] not in FAULTS or not all(p.lstrip("-").isdigit() for p in parts[1:]):
+            raise UserError(f"--fault must be KIND:RANK:STEP with KIND one of {', '.join(FAULTS)}, got {self.fault!r}")
+        return parts[0], int(parts[1]), int(parts[2])
 
 
 class _Parser(argparse.ArgumentParser):
@@ -170,6 +182,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="a NaN/Inf gradient on any rank aborts (default) or skips that step everywhere")
     p.add_argument("--check-consistency-every", type=int, default=d.check_consistency_every, metavar="STEPS",
                    help="compare parameter fingerprints across ranks every STEPS steps (exact topologies)")
+    p.add_argument("--fault", metavar="KIND:RANK:STEP",
+                   help="failure testing: at global step STEP, rank RANK hangs, kills itself (SIGKILL), exits, "
+                        "gets a NaN loss, or corrupts its parameters (KIND: hang, kill, exit, nan, corrupt)")
     args = p.parse_args(argv)
     return Config(**vars(args))
 
@@ -390,6 +405,25 @@ class _Run:
     pos: _Position
     steps0: int = 0
     accuracy: float = float("nan")
+    fault: tuple[str, int, int] | None = None
+
+
+def _inject(kind: str, loss: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    """``--fault``: make this rank fail the way ``kind`` says, for failure testing."""
+    import os
+    import signal
+    if kind == "hang":
+        while True:
+            time.sleep(3600)
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "exit":
+        os._exit(1)  # leave without a word, as a crashed process would
+    if kind == "nan":
+        return loss * float("nan")
+    with torch.no_grad():  # corrupt
+        next(model.parameters()).view(-1)[0] += 1.0
+    return loss
 
 
 def _setup(cfg: Config, dog: watchdog.Watchdog) -> _Run:
@@ -420,7 +454,7 @@ def _setup(cfg: Config, dog: watchdog.Watchdog) -> _Run:
               f"batch {cfg.batch_size} per rank", flush=True)
     with watchdog.watch("steps per epoch"):
         steps0 = comm.allreduce(math.ceil(len(shard.own_train_rows) / cfg.batch_size), op=MPI.MAX)
-    return _Run(cfg, comm, shard, test, model, dopt, fingerprint, log, dog, pos, steps0)
+    return _Run(cfg, comm, shard, test, model, dopt, fingerprint, log, dog, pos, steps0, fault=cfg.parsed_fault())
 
 
 def _train_epoch(run: _Run, epoch: int) -> None:
@@ -440,6 +474,8 @@ def _train_epoch(run: _Run, epoch: int) -> None:
                 group["lr"] = _lr_at(cfg, pos.global_step, run.steps0, comm.Get_size())
             xb, yb = torch.from_numpy(x[batches[i]]), torch.from_numpy(y[batches[i]])
             loss = F.cross_entropy(run.model(xb), yb)
+            if run.fault is not None and run.fault[2] == pos.global_step and run.fault[1] == comm.Get_rank():
+                loss = _inject(run.fault[0], loss, run.model)
             dopt.zero_grad()
             loss.backward()
             dopt.step()

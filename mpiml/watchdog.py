@@ -60,13 +60,19 @@ class Watchdog:
         self._arrived = np.zeros(self.size)
         self._warned: set[int] = set()
         self._stop = threading.Event()
+        # Two threads: the deadline thread makes no MPI call at all (a network fault can stall MPI calls
+        # anywhere in the process); on rank 0 a second one receives the other ranks' reports.
         self._thread = threading.Thread(target=self._monitor, name="mpiml-watchdog", daemon=True)
         self._thread.start()
+        self._reporter = None
+        if self.rank == 0 and self.size > 1:
+            self._reporter = threading.Thread(target=self._receive, name="mpiml-watchdog-reports", daemon=True)
+            self._reporter.start()
 
     # ------------------------------------------------------------ called around every collective
 
     def enter(self, name: str) -> int:
-        with self._lock:
+        with self._lock:  # never held across an MPI call: the deadline thread must always get it
             self.seq += 1
             seq = self.seq
             self._open[seq] = (name, self.step, time.monotonic())
@@ -75,9 +81,9 @@ class Watchdog:
             report = np.array([seq, -1 if self.step is None else self.step, code], dtype=np.int64)
             if self.rank == 0:
                 self._record(0, report)
-            else:
-                self._sends = [r for r in self._sends if not r.Test()]
-                self._sends.append(self.comm.Isend(report, 0, _TAG))
+        if self.rank != 0:
+            self._sends = [r for r in self._sends if not r.Test()]
+            self._sends.append(self.comm.Isend(report, 0, _TAG))
         return seq
 
     def leave(self, seq: int) -> None:
@@ -91,12 +97,14 @@ class Watchdog:
         self._arrived[rank] = time.monotonic()
 
     def _drain(self) -> None:
+        # One source at a time: with MPICH 5.0.2 over UCX's TCP transport (several hosts), receives from
+        # MPI_ANY_SOURCE can miss messages that a receive naming the sender gets (see README, Failures).
         buf = np.empty(3, dtype=np.int64)
-        status = MPI.Status()
-        while self.comm.Iprobe(MPI.ANY_SOURCE, _TAG, status):
-            self.comm.Recv(buf, status.Get_source(), _TAG)
-            with self._lock:
-                self._record(status.Get_source(), buf.copy())
+        for source in range(1, self.size):
+            while self.comm.Iprobe(source, _TAG):
+                self.comm.Recv(buf, source, _TAG)
+                with self._lock:
+                    self._record(source, buf.copy())
 
     def _describe(self, seq: int, name: str, step: int | None) -> str:
         return f"collective #{seq} ({name}{'' if step is None or step < 0 else f', step {step}'})"
@@ -110,21 +118,25 @@ class Watchdog:
             return None
         first = seen[:, 0] == newest
         missing = [r for r in range(self.size) if seen[r, 0] < newest]
-        waited = time.monotonic() - arrived[first].min()
-        what = self._describe(newest, self._names.get(int(seen[first][0, 2]), "?"), int(seen[first][0, 1]))
+        now = time.monotonic()
+        waited = now - arrived[first].min()
+        name = self._names.get(int(seen[first][0, 2]), "a collective rank 0 has not reached yet")
+        what = self._describe(newest, name, int(seen[first][0, 1]))
         if missing:
-            where = "; ".join(f"rank {r} last entered #{seen[r, 0]}" if seen[r, 0] > 0 else f"rank {r} none yet"
-                              for r in missing[:8])
+            where = "; ".join(f"rank {r} entered #{seen[r, 0]} {now - arrived[r]:.0f} s ago" if seen[r, 0] > 0
+                              else f"rank {r} none yet" for r in missing[:8])
             return (f"{what} has waited {waited:.0f} s for rank{'s' if len(missing) > 1 else ''} "
                     f"{','.join(map(str, missing))} ({where})")
         return f"every rank has entered {what}, but it has not completed after {waited:.0f} s (network?)"
 
     def _monitor(self) -> None:
         while not self._stop.wait(self.poll):
+            self._check()
+
+    def _receive(self) -> None:
+        while not self._stop.wait(self.poll):
             try:
-                if self.rank == 0:
-                    self._drain()
-                self._check()
+                self._drain()
             except MPI.Exception:
                 return  # MPI is going away under us (finalize or abort)
 
@@ -138,10 +150,13 @@ class Watchdog:
             self._warned.add(oldest[0])
             self._say(f"mpiml watchdog: stall: {view}")
         if oldest is not None and self.timeout > 0 and age > self.timeout:
+            # Leave for sure, a few seconds from now, even if printing or MPI_Abort blocks (a full pipe,
+            # a launcher out of reach): MPI_Abort does not reach a host cut off the network.
+            threading.Timer(5.0, os._exit, args=(self.exit_code,)).start()
             mine = self._describe(oldest[0], oldest[1][0], oldest[1][1])
-            detail = f"; {view}" if view else ""
+            detail = f" Rank 0's view: {view}." if view else ""
             self._say(f"mpiml watchdog: rank {self.rank}: {mine} has not completed after {age:.0f} s "
-                      f"(--timeout {self.timeout:g}){detail}; aborting the job")
+                      f"(--timeout {self.timeout:g}); aborting the job.{detail}")
             self._abort()
 
     def _say(self, message: str) -> None:
@@ -149,16 +164,27 @@ class Watchdog:
         self.out.flush()
 
     def _abort(self) -> None:
-        # MPI_Abort may never return if the launcher is out of reach: leave anyway, a few seconds later.
-        threading.Timer(5.0, os._exit, args=(self.exit_code,)).start()
         self.world.Abort(self.exit_code)
 
     def close(self) -> None:
+        """Stop the monitor; collective. Rank 0 receives every report still in flight (no message is left
+        unmatched at MPI_Finalize): each rank ends with a (-1) report, and messages between two ranks
+        arrive in order."""
         self._stop.set()
         self._thread.join()
-        for r in self._sends:
-            r.Wait()
+        if self._reporter is not None:
+            self._reporter.join()
+        if self.rank != 0:
+            self._sends.append(self.comm.Isend(np.array([-1, -1, 0], dtype=np.int64), 0, _TAG))
+            MPI.Request.Waitall(self._sends)
+        else:
+            buf = np.empty(3, dtype=np.int64)
+            for source in range(1, self.size):
+                buf[0] = 0
+                while buf[0] != -1:
+                    self.comm.Recv(buf, source, _TAG)
         self._sends = []
+        self.comm.Free()
 
 
 def install(watchdog: Watchdog) -> Watchdog:

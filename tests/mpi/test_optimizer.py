@@ -229,5 +229,5 @@ def test_consistency_check_names_the_diverged_rank():
     if comm.rank == 1:
         with torch.no_grad():
             model[0].bias[0] += 1e-3  # a silent corruption on one rank
-    with pytest.raises(mpiml.guards.ReplicasDiverged, match=r"replicas diverged at step 2: .*rank 1 hold"):
+    with pytest.raises(mpiml.guards.ReplicasDiverged, match=r"replicas diverged by step 1: .*rank 1 holds"):
         poisoned_step(opt, model, x, y, poison=False)

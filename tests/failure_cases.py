@@ -1,0 +1,98 @@
+"""The failure cases of ``python -m mpiml.train``: what we do to a job, what the user must see, how fast.
+
+Shared by tests/test_failures.py (which asserts them) and scripts/failure_table.py (which times them for
+the README).
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+BIN = os.path.dirname(sys.executable)
+MPIEXEC = os.path.join(BIN, "mpiexec")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def is_open_mpi() -> bool:
+    out = subprocess.run([MPIEXEC, "--version"], capture_output=True, text=True).stdout
+    return "Open MPI" in out or "OpenRTE" in out or "prte" in out.lower()
+
+
+def mpiexec(ranks: int) -> list[str]:
+    return [MPIEXEC] + (["--oversubscribe"] if is_open_mpi() else []) + ["-n", str(ranks)]
+
+
+def train_cmd(ranks: int, *args: str) -> list[str]:
+    return mpiexec(ranks) + [sys.executable, "-m", "mpiml.train", "--no-progress", *args]
+
+
+def run(cmd: list[str], timeout: float = 120, **kwargs) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kwargs)
+    return done, time.monotonic() - start
+
+
+def rank_pids(marker: str) -> list[int]:
+    """PIDs of the Python rank processes whose command line contains ``marker`` (not mpiexec, not proxies)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"python") and any(marker.encode() in a for a in argv) and b"mpiml.train" in argv:
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+def kill_a_rank_mid_training(tmp: str, ranks: int = 3) -> dict:
+    """SIGKILL one rank once checkpoints exist; the job must end everywhere, then resume must finish it."""
+    ck = os.path.join(tmp, "ck-kill")
+    args = ["--epochs", "12", "--batch-size", "4", "--checkpoint-dir", ck, "--checkpoint-every", "50"]
+    proc = subprocess.Popen(train_cmd(ranks, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(os.path.join(ck, "checkpoint-000000100.pt")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pids = rank_pids(ck)
+    victim = pids[-1] if pids else None
+    killed_at = time.monotonic()
+    if victim:
+        os.kill(victim, signal.SIGKILL)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    ended = time.monotonic() - killed_at
+    time.sleep(0.5)
+    return {"returncode": proc.returncode, "seconds": ended, "stderr": err, "stdout": out,
+            "left_over": rank_pids(ck), "ranks_seen": len(pids), "checkpoint_dir": ck, "args": args}
+
+
+CASES = [
+    # id, extra args to mpiml.train, expected exit code (None: any non-zero), stderr pattern, seconds allowed
+    ("hang", ["--epochs", "2", "--fault", "hang:1:5", "--stall-warning", "1", "--timeout", "4"], None,
+     r"stall: collective #\d+ \(gradients step 5 bucket 0, step 5\) has waited \d+ s for rank 1", 30),
+    ("crash", ["--epochs", "2", "--fault", "exit:1:5"], None, r"", 30),
+    ("nan", ["--epochs", "2", "--fault", "nan:1:5"], 2,
+     r"error: non-finite gradient \(NaN or Inf\) at step 5 on rank 1; aborting", 30),
+    ("diverged", ["--epochs", "2", "--fault", "corrupt:2:5", "--check-consistency-every", "1"], 2,
+     r"error: replicas diverged by step 5: ranks 0,1 hold parameters with CRC [0-9a-f]+; rank 2 holds", 30),
+    ("bad data", ["--data", "/nonexistent/x.npz"], 2, r"error: --data /nonexistent/x.npz: no such file", 30),
+]
+
+
+def check(case_id: str, done: subprocess.CompletedProcess, expected_code, pattern: str) -> list[str]:
+    problems = []
+    if done.returncode == 0 or (expected_code is not None and done.returncode != expected_code):
+        problems.append(f"{case_id}: exit status {done.returncode}, expected {expected_code or 'non-zero'}")
+    if pattern and not re.search(pattern, done.stderr + done.stdout):
+        problems.append(f"{case_id}: output does not match {pattern!r}:\n{done.stderr[-2000:]}")
+    return problems
