@@ -11,7 +11,13 @@ combining all gradients is one collective on one array, with no copy.
 Exact topologies (``mpi``, ``ring``, ``tree``, ``butterfly``) average the
 gradients before the wrapped optimizer steps, so every replica stays
 identical. ``butterfly-mixing`` steps on the local gradient, then averages
-parameters with one partner (see ``mpiml.mixing``).
+parameters with one partner (see ``mpiml.mixing``). ``average_every=H``
+(local SGD, periodic model averaging) steps on local gradients and
+averages the *parameters* through the exact topology every H steps;
+optimizer state (momentum) stays local to each rank. For SGD with momentum
+and H = 1 this is synchronous SGD (the update is linear in the gradient, so
+averaging parameters after the step equals stepping on averaged gradients,
+momentum buffers included); with Adam it is not.
 """
 
 from __future__ import annotations
@@ -86,7 +92,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None,
                  topology: str = "ring", backward_passes_per_step: int = 1, comm: MPI.Comm | None = None,
                  overlap: bool = True, bucket_bytes: int = DEFAULT_BUCKET_BYTES, compression: str = "none",
-                 on_nan: str = "abort", check_consistency_every: int = 0) -> None:
+                 on_nan: str = "abort", check_consistency_every: int = 0, average_every: int = 0) -> None:
         if topology not in TOPOLOGIES:
             raise UserError(f"unknown topology {topology!r}; choose from {', '.join(TOPOLOGIES)}")
         if backward_passes_per_step < 1:
@@ -99,6 +105,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise UserError(f"on_nan must be 'abort' or 'skip', got {on_nan!r}")
         if check_consistency_every < 0:
             raise UserError(f"check_consistency_every must be >= 0, got {check_consistency_every}")
+        if average_every < 0:
+            raise UserError(f"average_every must be >= 0, got {average_every}")
+        if average_every and topology not in EXACT_TOPOLOGIES:
+            raise UserError(f"average_every (local SGD) averages through an exact topology, not {topology!r}")
         self._inner: torch.optim.Optimizer | None = None
         # Optimizer's own constructor sets up hooks; its throwaway groups never reach the wrapped optimizer.
         super().__init__([torch.zeros(0, requires_grad=True)], {})
@@ -129,6 +139,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._param_groups.append(pg)
             self._grad_groups.append(gg)
         self.on_nan, self.check_consistency_every = on_nan, check_consistency_every
+        self.average_every = average_every
         self.skipped_steps: list[tuple[int, list[int]]] = []  # (step, ranks with non-finite gradients)
         self.step_count = 0
         self._local_finite = True
@@ -137,8 +148,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._synchronized = False
         self._should_sync = True
         self._scratch: list[np.ndarray] = []
-        exact = topology in EXACT_TOPOLOGIES and self.comm.Get_size() > 1
-        if exact:
+        exact = topology in EXACT_TOPOLOGIES and self.comm.Get_size() > 1 and not average_every
+        if topology in EXACT_TOPOLOGIES and self.comm.Get_size() > 1:
             collectives.private_comm(self.comm)  # made here, not on the communication thread
         self._buckets = GradientBuckets(
             self._params, spans, bucket_bytes, self._reduce, self.comm.Get_size(), overlap and exact,
@@ -232,6 +243,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._arena = arena
         return allocate
 
+    @property
+    def replicas_differ(self) -> bool:
+        """Whether ranks may hold different parameters between steps (mixing, local SGD)."""
+        return self.topology == "butterfly-mixing" or bool(self.average_every)
+
     def _reduce(self, view: torch.Tensor, op: str, name: str) -> None:
         collectives.allreduce(view, op=op, algorithm=self.topology, comm=self.comm, name=name)
 
@@ -313,14 +329,19 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self.step_count += 1
             return loss
         self._inner.step()
-        if self.topology == "butterfly-mixing" and self.comm.Get_size() > 1:
+        if self.comm.Get_size() > 1 and (self.topology == "butterfly-mixing" or self.average_every):
             start = time.perf_counter()
             with torch.no_grad():
-                mixing.mix(self.parameter_buffers, self.comm, self.step_count, self._scratch)
+                if self.topology == "butterfly-mixing":
+                    mixing.mix(self.parameter_buffers, self.comm, self.step_count, self._scratch)
+                elif (self.step_count + 1) % self.average_every == 0:  # local SGD: average the models
+                    for i, buf in enumerate(self.parameter_buffers):
+                        collectives.allreduce(buf, op="mean", algorithm=self.topology, comm=self.comm,
+                                              name=f"parameters step {self.step_count} buffer {i}")
             self._mixing_seconds += time.perf_counter() - start
             self.wait_seconds += time.perf_counter() - start
         self.step_count += 1
-        if (self.check_consistency_every and self.topology in EXACT_TOPOLOGIES
+        if (self.check_consistency_every and not self.replicas_differ
                 and self.step_count % self.check_consistency_every == 0):
             guards.check_consistency(self.parameter_buffers, self.comm, self.step_count - 1)
         return loss

@@ -34,7 +34,7 @@ from . import checkpoint, mixing, watchdog
 from .data import DataError, ShardedData, batch_indices, block, open_source
 from .metrics import MetricsLog, Stopwatch
 from .models import MODELS, ModelError, build_model
-from .optimizer import DEFAULT_BUCKET_BYTES, TOPOLOGIES, DistributedOptimizer
+from .optimizer import DEFAULT_BUCKET_BYTES, EXACT_TOPOLOGIES, TOPOLOGIES, DistributedOptimizer
 from .params import broadcast_parameters, parameters_sha256
 from .runtime import UserError, abort_on_exception, agree
 
@@ -79,6 +79,8 @@ class Config:
     on_nan: str = "abort"
     check_consistency_every: int = 0
     fault: str | None = None
+    average_every: int = 0
+    straggler: str | None = None
 
     def hidden_sizes(self) -> tuple[int, ...]:
         try:
@@ -110,6 +112,27 @@ class Config:
                 raise UserError(message)
         self.hidden_sizes()
         self.parsed_fault()
+        self.parsed_straggler()
+        if self.average_every < 0:
+            raise UserError(f"--average-every must be >= 0, got {self.average_every}")
+        if self.average_every and self.topology not in EXACT_TOPOLOGIES:
+            raise UserError(f"--average-every needs an exact topology to average through, not {self.topology}")
+
+    def parsed_straggler(self) -> tuple[int, float] | None:
+        if not self.straggler:
+            return None
+        rank, _, factor = self.straggler.partition(":")
+        try:
+            parsed = int(rank), float(factor)
+        except ValueError:
+            parsed = (-1, 0.0)
+        if parsed[0] < 0 or parsed[1] < 1:
+            raise UserError(f"--straggler must be RANK:FACTOR with FACTOR >= 1, got {self.straggler!r}")
+        return parsed
+
+    @property
+    def replicas_differ(self) -> bool:
+        return self.topology == "butterfly-mixing" or self.average_every > 0
 
     def parsed_fault(self) -> tuple[str, int, int] | None:
         if not self.fault:
@@ -182,6 +205,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="a NaN/Inf gradient on any rank aborts (default) or skips that step everywhere")
     p.add_argument("--check-consistency-every", type=int, default=d.check_consistency_every, metavar="STEPS",
                    help="compare parameter fingerprints across ranks every STEPS steps (exact topologies)")
+    p.add_argument("--average-every", type=int, default=d.average_every, metavar="H",
+                   help="local SGD: step on local gradients, average parameters every H steps through the "
+                        "topology (0: average gradients every step, synchronous SGD)")
+    p.add_argument("--straggler", metavar="RANK:FACTOR",
+                   help="slow RANK's computation down by FACTOR (it sleeps FACTOR-1 times its compute time)")
     p.add_argument("--fault", metavar="KIND:RANK:STEP",
                    help="failure testing: at global step STEP, rank RANK hangs, kills itself (SIGKILL), exits, "
                         "gets a NaN loss, or corrupts its parameters (KIND: hang, kill, exit, nan, corrupt)")
@@ -293,7 +321,7 @@ class _Position:
 
 def _save(cfg: Config, comm: MPI.Comm, dopt: DistributedOptimizer, fingerprint: dict[str, Any],
           pos: _Position) -> None:
-    mixed = cfg.topology == "butterfly-mixing"
+    mixed = cfg.replicas_differ
     # Exact topologies: every replica is rank 0's. Mixing: rank 0 collects every replica.
     mine = ([b.clone() for b in dopt.parameter_buffers], dopt.state_dict(), pos.loss_sum)
     everyone = comm.gather(mine if mixed else (None, None, pos.loss_sum), root=0)
@@ -367,13 +395,14 @@ def _incompatible(cfg: Config, payload: dict[str, Any], fingerprint: dict[str, A
         if saved.get(key) != fingerprint[key]:
             return (f"it was written for a different model ({key}: checkpoint {saved.get(key)}, "
                     f"this run {fingerprint[key]})")
-    was_mixing, mixing_now = payload["topology"] == "butterfly-mixing", cfg.topology == "butterfly-mixing"
-    if was_mixing != mixing_now:
-        return (f"it was written with --topology {payload['topology']}; butterfly-mixing keeps one replica per "
-                "rank and cannot be exchanged with an exact topology")
-    if mixing_now and payload["ranks"] != k:
-        return (f"it holds {payload['ranks']} butterfly-mixing replicas; resume with {payload['ranks']} ranks "
-                f"(this run has {k})")
+    was_replicas, replicas_now = payload["replicas"] is not None, cfg.replicas_differ
+    if was_replicas != replicas_now:
+        return (f"it was written with {'one replica per rank' if was_replicas else 'one shared model'} "
+                f"(--topology {payload['topology']}); this run keeps "
+                f"{'one replica per rank' if replicas_now else 'one shared model'}")
+    if replicas_now and payload["ranks"] != k:
+        return (f"it holds {payload['ranks']} replicas (butterfly mixing or local SGD); resume with "
+                f"{payload['ranks']} ranks (this run has {k})")
     return None
 
 
@@ -406,6 +435,7 @@ class _Run:
     steps0: int = 0
     accuracy: float = float("nan")
     fault: tuple[str, int, int] | None = None
+    straggler: tuple[int, float] | None = None
 
 
 def _inject(kind: str, loss: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
@@ -443,7 +473,8 @@ def _setup(cfg: Config, dog: watchdog.Watchdog) -> _Run:
     broadcast_parameters(model, root=0, comm=comm)
     dopt = DistributedOptimizer(_make_optimizer(cfg, model), model, topology=cfg.topology, comm=comm,
                                 overlap=cfg.overlap, bucket_bytes=cfg.bucket_bytes, compression=cfg.compression,
-                                on_nan=cfg.on_nan, check_consistency_every=cfg.check_consistency_every)
+                                on_nan=cfg.on_nan, check_consistency_every=cfg.check_consistency_every,
+                                average_every=cfg.average_every)
     fingerprint = _fingerprint(cfg, sample_shape, classes, model)
     pos = _resume(cfg, comm, dopt, fingerprint) if cfg.resume else _Position()
     log = MetricsLog(cfg.metrics, comm.Get_rank() == 0, append=cfg.resume and pos.global_step > 0)
@@ -454,7 +485,8 @@ def _setup(cfg: Config, dog: watchdog.Watchdog) -> _Run:
               f"batch {cfg.batch_size} per rank", flush=True)
     with watchdog.watch("steps per epoch"):
         steps0 = comm.allreduce(math.ceil(len(shard.own_train_rows) / cfg.batch_size), op=MPI.MAX)
-    return _Run(cfg, comm, shard, test, model, dopt, fingerprint, log, dog, pos, steps0, fault=cfg.parsed_fault())
+    return _Run(cfg, comm, shard, test, model, dopt, fingerprint, log, dog, pos, steps0, fault=cfg.parsed_fault(),
+                straggler=cfg.parsed_straggler())
 
 
 def _train_epoch(run: _Run, epoch: int) -> None:
@@ -473,11 +505,14 @@ def _train_epoch(run: _Run, epoch: int) -> None:
             for group in dopt.param_groups:
                 group["lr"] = _lr_at(cfg, pos.global_step, run.steps0, comm.Get_size())
             xb, yb = torch.from_numpy(x[batches[i]]), torch.from_numpy(y[batches[i]])
+            started = time.perf_counter()
             loss = F.cross_entropy(run.model(xb), yb)
             if run.fault is not None and run.fault[2] == pos.global_step and run.fault[1] == comm.Get_rank():
                 loss = _inject(run.fault[0], loss, run.model)
             dopt.zero_grad()
             loss.backward()
+            if run.straggler is not None and run.straggler[0] == comm.Get_rank():
+                time.sleep((run.straggler[1] - 1) * (time.perf_counter() - started))  # --straggler: slow compute
             dopt.step()
             loss_sum += float(loss.detach())
             pos.global_step += 1
@@ -498,7 +533,7 @@ def _report_epoch(run: _Run, epoch: int, steps: int, loss_sum: float, wall: floa
                   exposed: float) -> None:
     cfg, comm, dopt = run.cfg, run.comm, run.dopt
     k = comm.Get_size()
-    mixed = cfg.topology == "butterfly-mixing"
+    mixed = cfg.replicas_differ
     run.accuracy = _evaluate_average(run.model, dopt, run.test, comm) if mixed else _evaluate(run.model, run.test,
                                                                                               comm)
     totals = np.array([loss_sum, steps, wall - exposed, comm_time, exposed], dtype=np.float64)
@@ -523,7 +558,7 @@ def _report_epoch(run: _Run, epoch: int, steps: int, loss_sum: float, wall: floa
 
 def _finish(run: _Run, started: float) -> None:
     cfg, comm, dopt = run.cfg, run.comm, run.dopt
-    if cfg.topology == "butterfly-mixing":
+    if cfg.replicas_differ:
         mixing.average_replicas(dopt.parameter_buffers, comm)  # the reported model is the replicas' average
         run.accuracy = _evaluate(run.model, run.test, comm)
     digests = comm.allgather(parameters_sha256(dopt.parameter_buffers))

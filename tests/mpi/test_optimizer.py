@@ -231,3 +231,31 @@ def test_consistency_check_names_the_diverged_rank():
             model[0].bias[0] += 1e-3  # a silent corruption on one rank
     with pytest.raises(mpiml.guards.ReplicasDiverged, match=r"replicas diverged by step 1: .*rank 1 holds"):
         poisoned_step(opt, model, x, y, poison=False)
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_local_sgd_with_h_1_is_synchronous_sgd_up_to_rounding(momentum):
+    comm = MPI.COMM_WORLD
+    models = []
+    for average_every in (0, 1):
+        model, x, y = model_and_data(seed=comm.rank)
+        opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum,
+                                                         weight_decay=1e-3), model, average_every=average_every)
+        for _ in range(5):
+            poisoned_step(opt, model, x, y, poison=False)
+        models.append(model)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_local_sgd_replicas_differ_between_averagings_and_agree_after():
+    comm = MPI.COMM_WORLD
+    model, x, y = model_and_data(seed=comm.rank)
+    opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, average_every=3)
+    digests = []
+    for _ in range(3):
+        poisoned_step(opt, model, x, y, poison=False)
+        digests.append(len(set(comm.allgather(mpiml.parameters_sha256(model.parameters())))))
+    assert digests == [comm.size, comm.size, 1]  # local steps drift apart; the third step averages

@@ -57,11 +57,12 @@ def test_same_seed_same_parameters(mpi_tmp_path, topology):
 
 
 @pytest.mark.mpi(min_size=1)
-@pytest.mark.parametrize("topology, shuffle", [("ring", "local"), ("butterfly", "global"),
-                                               ("butterfly-mixing", "local")])
-def test_resume_after_a_checkpoint_matches_an_uninterrupted_run(mpi_tmp_path, topology, shuffle):
-    ck = os.path.join(str(mpi_tmp_path), f"ck-{topology}")
-    settings = dict(topology=topology, shuffle=shuffle, epochs=3, checkpoint_dir=ck, checkpoint_every=5)
+@pytest.mark.parametrize("topology, shuffle, h", [("ring", "local", 0), ("butterfly", "global", 0),
+                                                  ("butterfly-mixing", "local", 0), ("tree", "local", 4)])
+def test_resume_after_a_checkpoint_matches_an_uninterrupted_run(mpi_tmp_path, topology, shuffle, h):
+    ck = os.path.join(str(mpi_tmp_path), f"ck-{topology}-{h}")
+    settings = dict(topology=topology, shuffle=shuffle, epochs=3, checkpoint_dir=ck, checkpoint_every=5,
+                    average_every=h)
     whole = train(mpi_tmp_path, "whole", **settings)
     comm = MPI.COMM_WORLD
     if comm.rank == 0:  # "stop" right after an early mid-epoch checkpoint: drop everything written later
@@ -80,6 +81,8 @@ def test_resume_after_a_checkpoint_matches_an_uninterrupted_run(mpi_tmp_path, to
     (dict(batch_size=0), "--batch-size must be at least 1"),
     (dict(model="cnn", dataset="synthetic", features=5), "image-shaped"),
     (dict(resume=True), "--resume needs --checkpoint-dir"),
+    (dict(straggler="1:0.5"), "--straggler must be RANK:FACTOR"),
+    (dict(average_every=2, topology="butterfly-mixing"), "--average-every needs an exact topology"),
 ])
 def test_bad_input_is_reported_on_every_rank(mpi_tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):
