@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from . import collectives
+from . import collectives, traffic
 
 __all__ = ["stages", "partner_for_step", "mix", "replica_drift", "average_replicas"]
 
@@ -50,6 +50,7 @@ def mix(buffers: Sequence[torch.Tensor], comm: MPI.Comm, step: int, scratch: lis
         if scratch[i].dtype != mine.dtype or scratch[i].size != mine.size:
             scratch[i] = np.empty_like(mine)
         comm.Sendrecv(mine, partner, 11, scratch[i], partner, 11)
+        traffic.add(mine.nbytes)
         np.add(mine, scratch[i], out=mine)  # a + b == b + a bitwise, and halving is exact
         mine *= 0.5
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from . import collectives, guards, mixing
+from . import collectives, guards, mixing, traffic
 from .buckets import COMPRESSIONS, GradientBuckets
 from .runtime import UserError
 
@@ -39,7 +39,7 @@ __all__ = ["DistributedOptimizer", "TOPOLOGIES", "EXACT_TOPOLOGIES", "DEFAULT_BU
 
 EXACT_TOPOLOGIES = ("mpi", "ring", "tree", "butterfly", "hier", "auto")
 DEFAULT_BUCKET_BYTES = 4 << 20
-TOPOLOGIES = EXACT_TOPOLOGIES + ("butterfly-mixing",)
+TOPOLOGIES = EXACT_TOPOLOGIES + ("butterfly-mixing", "ps")
 
 
 class _FlatGroup:
@@ -92,7 +92,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None,
                  topology: str = "ring", backward_passes_per_step: int = 1, comm: MPI.Comm | None = None,
                  overlap: bool = True, bucket_bytes: int = DEFAULT_BUCKET_BYTES, compression: str = "none",
-                 on_nan: str = "abort", check_consistency_every: int = 0, average_every: int = 0) -> None:
+                 on_nan: str = "abort", check_consistency_every: int = 0, average_every: int = 0,
+                 staleness: int | None = 0) -> None:
         if topology not in TOPOLOGIES:
             raise UserError(f"unknown topology {topology!r}; choose from {', '.join(TOPOLOGIES)}")
         if backward_passes_per_step < 1:
@@ -154,6 +155,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._buckets = GradientBuckets(
             self._params, spans, bucket_bytes, self._reduce, self.comm.Get_size(), overlap and exact,
             backward_passes_per_step, compression) if exact else None
+        self._ps = self._parameter_server(staleness) if topology == "ps" else None
 
     # -- the wrapped optimizer's state is this optimizer's state
     @property
@@ -245,8 +247,44 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     @property
     def replicas_differ(self) -> bool:
-        """Whether ranks may hold different parameters between steps (mixing, local SGD)."""
-        return self.topology == "butterfly-mixing" or bool(self.average_every)
+        """Whether ranks may hold different parameters between steps (mixing, local SGD, parameter server)."""
+        return self.topology in ("butterfly-mixing", "ps") or bool(self.average_every)
+
+    def _parameter_server(self, staleness: int | None) -> Any:
+        """``topology="ps"``: the servers run SGD on their shards; this wraps only the hyper-parameters."""
+        from .ps import ParameterServer
+        if len(self._param_groups) != 1 or not isinstance(self._inner, torch.optim.SGD):
+            raise UserError("--topology ps runs SGD (momentum, weight decay) on the servers: it needs "
+                            "--optimizer sgd and parameters of one floating-point dtype")
+        group = self._inner.param_groups[0]
+        return ParameterServer(self._param_groups[0].buffer, self.comm, staleness, lr=group["lr"],
+                               momentum=group["momentum"], weight_decay=group["weight_decay"])
+
+    def _ps_step(self) -> None:
+        """Push this rank's gradient to the servers and pull parameters within the staleness bound."""
+        grads = self._grad_groups[0].buffer
+        if not guards.finite([grads]):  # decided locally: a collective here would undo the asynchrony
+            message = guards.non_finite_message([self.comm.Get_rank()], self.step_count, "")
+            if self.on_nan == "abort":
+                print(f"mpiml: error: {message}aborting (--on-nan abort)", flush=True)
+                self.comm.Abort(2)
+            self.skipped_steps.append((self.step_count, [self.comm.Get_rank()]))
+            grads.zero_()  # the clocks still advance: a zero update instead of a poisoned one
+        start = time.perf_counter()
+        self._ps.set_lr(self._inner.param_groups[0]["lr"])
+        self._ps.push(grads)
+        self._ps.pull()
+        k = self.comm.Get_size()
+        traffic.add(2 * grads.numel() * grads.element_size() * (k - 1) / k)  # pushes out, replies from servers
+        self._mixing_seconds += time.perf_counter() - start
+        self.wait_seconds += time.perf_counter() - start
+        self.step_count += 1
+
+    def finish(self) -> None:
+        """Collective: end a parameter-server run, every rank then holds the servers' final parameters."""
+        if self._ps is not None:
+            self._ps.finish()
+            self._ps = None
 
     def _reduce(self, view: torch.Tensor, op: str, name: str) -> None:
         collectives.allreduce(view, op=op, algorithm=self.topology, comm=self.comm, name=name)
@@ -322,6 +360,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._ps is not None:
+            self._ps_step()
+            return loss
         if self._should_sync and not self._synchronized:
             self.synchronize()
         self._synchronized = False

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from . import checkpoint, mixing, watchdog
+from . import checkpoint, mixing, traffic, watchdog
 from .data import DataError, ShardedData, batch_indices, block, open_source
 from .metrics import MetricsLog, Stopwatch
 from .models import MODELS, ModelError, build_model
@@ -81,6 +81,7 @@ class Config:
     fault: str | None = None
     average_every: int = 0
     straggler: str | None = None
+    staleness: str = "0"
 
     def hidden_sizes(self) -> tuple[int, ...]:
         try:
@@ -115,6 +116,12 @@ class Config:
         self.parsed_straggler()
         if self.average_every < 0:
             raise UserError(f"--average-every must be >= 0, got {self.average_every}")
+        self.parsed_staleness()
+        if self.topology == "ps" and self.checkpoint_dir:
+            raise UserError("--topology ps keeps the parameters on its server threads; checkpoints are not "
+                            "supported with it (use an exact topology, butterfly-mixing or --average-every)")
+        if self.topology == "ps" and self.optimizer != "sgd":
+            raise UserError("--topology ps runs SGD on the servers: use --optimizer sgd")
         if self.average_every and self.topology not in EXACT_TOPOLOGIES:
             raise UserError(f"--average-every needs an exact topology to average through, not {self.topology}")
 
@@ -130,9 +137,20 @@ class Config:
             raise UserError(f"--straggler must be RANK:FACTOR with FACTOR >= 1, got {self.straggler!r}")
         return parsed
 
+    def parsed_staleness(self) -> int | None:
+        if self.staleness in ("inf", "none", "None"):
+            return None
+        try:
+            value = int(self.staleness)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise UserError(f"--staleness must be a non-negative integer or 'inf', got {self.staleness!r}")
+        return value
+
     @property
     def replicas_differ(self) -> bool:
-        return self.topology == "butterfly-mixing" or self.average_every > 0
+        return self.topology in ("butterfly-mixing", "ps") or self.average_every > 0
 
     def parsed_fault(self) -> tuple[str, int, int] | None:
         if not self.fault:
@@ -208,6 +226,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--average-every", type=int, default=d.average_every, metavar="H",
                    help="local SGD: step on local gradients, average parameters every H steps through the "
                         "topology (0: average gradients every step, synchronous SGD)")
+    p.add_argument("--staleness", default=d.staleness, metavar="S",
+                   help="--topology ps: a worker computes with parameters at most S steps stale; 0 is "
+                        "synchronous, 'inf' fully asynchronous (default %(default)s)")
     p.add_argument("--straggler", metavar="RANK:FACTOR",
                    help="slow RANK's computation down by FACTOR (it sleeps FACTOR-1 times its compute time)")
     p.add_argument("--fault", metavar="KIND:RANK:STEP",
@@ -436,6 +457,9 @@ class _Run:
     accuracy: float = float("nan")
     fault: tuple[str, int, int] | None = None
     straggler: tuple[int, float] | None = None
+    started: float = 0.0
+    train_seconds: float = 0.0
+    step_seconds: float = 0.0  # this rank's compute time per step in the last epoch (async load balancing)
 
 
 def _inject(kind: str, loss: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
@@ -474,7 +498,7 @@ def _setup(cfg: Config, dog: watchdog.Watchdog) -> _Run:
     dopt = DistributedOptimizer(_make_optimizer(cfg, model), model, topology=cfg.topology, comm=comm,
                                 overlap=cfg.overlap, bucket_bytes=cfg.bucket_bytes, compression=cfg.compression,
                                 on_nan=cfg.on_nan, check_consistency_every=cfg.check_consistency_every,
-                                average_every=cfg.average_every)
+                                average_every=cfg.average_every, staleness=cfg.parsed_staleness())
     fingerprint = _fingerprint(cfg, sample_shape, classes, model)
     pos = _resume(cfg, comm, dopt, fingerprint) if cfg.resume else _Position()
     log = MetricsLog(cfg.metrics, comm.Get_rank() == 0, append=cfg.resume and pos.global_step > 0)
@@ -494,6 +518,8 @@ def _train_epoch(run: _Run, epoch: int) -> None:
     x, y = run.shard.epoch_data(epoch)
     with watchdog.watch("steps per epoch"):
         steps = comm.allreduce(math.ceil(len(y) / cfg.batch_size), op=MPI.MAX)
+    if cfg.topology == "ps" and cfg.parsed_staleness() is None:
+        steps = _asynchronous_share(run, steps)
     batches = batch_indices(len(y), cfg.batch_size, steps)
     first = pos.step_in_epoch if epoch == pos.epoch else 0
     loss_sum = pos.loss_sum if epoch == pos.epoch else 0.0
@@ -522,11 +548,29 @@ def _train_epoch(run: _Run, epoch: int) -> None:
                 _save(cfg, comm, dopt, run.fingerprint, _Position(epoch, i + 1, pos.global_step, loss_sum))
     if bar is not None:
         bar.close()
+    run.train_seconds += wall.seconds
+    run.step_seconds = (wall.seconds - (dopt.wait_seconds - wait_before)) / max(steps - first, 1)
     times = (wall.seconds, dopt.comm_seconds - comm_before, dopt.wait_seconds - wait_before)
     with watchdog.watch("end of epoch"):
         _report_epoch(run, epoch, steps, loss_sum, *times)
         if cfg.checkpoint_dir:
             _save(cfg, comm, dopt, run.fingerprint, _Position(epoch + 1, 0, pos.global_step, 0.0))
+
+
+def _asynchronous_share(run: _Run, steps: int) -> int:
+    """Fully asynchronous parameter server: the epoch's K x ``steps`` batches are shared out in
+    proportion to each rank's measured speed, so fast ranks are not held back by a slow one (a rank
+    with more steps than its shard has rows wraps around it)."""
+    comm = run.comm
+    times = comm.allgather(run.step_seconds)
+    if min(times) <= 0:
+        return steps  # first epoch: nothing measured yet
+    speeds = [1.0 / t for t in times]
+    total = steps * comm.Get_size()
+    shares = [int(total * v / sum(speeds)) for v in speeds]
+    fastest = max(range(len(speeds)), key=speeds.__getitem__)
+    shares[fastest] += total - sum(shares)
+    return max(1, shares[comm.Get_rank()])
 
 
 def _report_epoch(run: _Run, epoch: int, steps: int, loss_sum: float, wall: float, comm_time: float,
@@ -540,9 +584,11 @@ def _report_epoch(run: _Run, epoch: int, steps: int, loss_sum: float, wall: floa
     comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
     record = {
         "epoch": epoch + 1, "train_loss": totals[0] / totals[1], "test_accuracy": run.accuracy,
-        "samples_per_sec": steps * cfg.batch_size * k / max(comm.allreduce(wall, op=MPI.MAX), 1e-12),
+        "samples_per_sec": totals[1] * cfg.batch_size / max(comm.allreduce(wall, op=MPI.MAX), 1e-12),
         "compute_seconds": totals[2] / k, "comm_seconds": totals[3] / k, "exposed_comm_seconds": totals[4] / k,
         "steps": run.pos.global_step, "lr": dopt.param_groups[0]["lr"],
+        "wall_seconds": time.perf_counter() - run.started, "train_seconds": run.train_seconds,
+        "bytes_sent_per_rank": comm.allreduce(traffic.sent(), op=MPI.SUM) / k,
     }
     if mixed:
         record["replica_drift"] = mixing.replica_drift(dopt.parameter_buffers, comm)
@@ -558,8 +604,10 @@ def _report_epoch(run: _Run, epoch: int, steps: int, loss_sum: float, wall: floa
 
 def _finish(run: _Run, started: float) -> None:
     cfg, comm, dopt = run.cfg, run.comm, run.dopt
+    dopt.finish()  # the parameter server's last updates land everywhere
     if cfg.replicas_differ:
-        mixing.average_replicas(dopt.parameter_buffers, comm)  # the reported model is the replicas' average
+        if cfg.topology != "ps":  # the reported model is the replicas' average (the servers' for ps)
+            mixing.average_replicas(dopt.parameter_buffers, comm)
         run.accuracy = _evaluate(run.model, run.test, comm)
     digests = comm.allgather(parameters_sha256(dopt.parameter_buffers))
     final = {"final": True, "test_accuracy": run.accuracy, "params_sha256": digests[0],
@@ -575,6 +623,7 @@ def _finish(run: _Run, started: float) -> None:
 def _train(cfg: Config, dog: watchdog.Watchdog) -> int:
     started = time.perf_counter()
     run = _setup(cfg, dog)
+    run.started = started
     for epoch in range(run.pos.epoch, cfg.epochs):
         _train_epoch(run, epoch)
     with watchdog.watch("final"):

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 from mpi4py import MPI
 
+from .. import traffic
 from ._buffers import Reduction
 from ._chunks import num_pieces, pieces
 
@@ -96,7 +97,7 @@ def _conflicts(later: Step, earlier: Step) -> bool:
 class Schedule:
     """Steps plus, for each step, the last earlier step it must wait for (see ``compile``)."""
 
-    __slots__ = ("steps", "blocker", "depth", "temp_size")
+    __slots__ = ("steps", "blocker", "depth", "temp_size", "send_elements")
 
     def __init__(self, steps: Sequence[Step], depth: int | None = None) -> None:
         depth = DEFAULT_DEPTH if depth is None else depth
@@ -113,6 +114,7 @@ class Schedule:
                     break
             blocker.append(b)
         self.blocker = tuple(blocker)
+        self.send_elements = sum(s.send_hi - s.send_lo for s in self.steps if s.send_to >= 0)
         self.temp_size = max((s.recv_hi - s.recv_lo for s in self.steps if s.mode & REDUCE and s.recv_from >= 0),
                              default=0)
 
@@ -153,6 +155,7 @@ def run(comm: Any, a: np.ndarray, schedule: Schedule, red: Reduction | None) -> 
     m = len(steps)
     if m == 0:
         return
+    traffic.add(schedule.send_elements * a.itemsize)
     temps = _scratch.get(a.dtype, depth, schedule.temp_size) if schedule.temp_size else None
     byte = MPI.BYTE
     if m == 1:  # one exchange (small butterfly messages at p = 2): skip the request bookkeeping

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
+from .. import traffic
 from ._buffers import Reduction
 from ._chunks import chunk_bounds
 
@@ -47,6 +48,8 @@ def _datatype_and_op(red: Reduction, a: np.ndarray) -> tuple[MPI.Datatype, MPI.O
 def allreduce(a: np.ndarray, red: Reduction, comm: Any) -> None:
     """``MPI_Allreduce`` in place (then divide for ``mean``)."""
     datatype, op = _datatype_and_op(red, a)
+    p = comm.Get_size()
+    traffic.add(2 * a.nbytes * (p - 1) / p)  # the cost model's figure: the library's own messages are unseen
     comm.Allreduce(MPI.IN_PLACE, [a, datatype], op)
     red.finalize(a, comm.Get_size())
 

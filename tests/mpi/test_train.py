@@ -83,6 +83,8 @@ def test_resume_after_a_checkpoint_matches_an_uninterrupted_run(mpi_tmp_path, to
     (dict(resume=True), "--resume needs --checkpoint-dir"),
     (dict(straggler="1:0.5"), "--straggler must be RANK:FACTOR"),
     (dict(average_every=2, topology="butterfly-mixing"), "--average-every needs an exact topology"),
+    (dict(topology="ps", staleness="-1"), "--staleness must be"),
+    (dict(topology="ps", optimizer="adam"), "--topology ps runs SGD"),
 ])
 def test_bad_input_is_reported_on_every_rank(mpi_tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):
@@ -101,3 +103,19 @@ def test_checkpoint_from_another_model_is_refused(mpi_tmp_path):
     train(mpi_tmp_path, "mlp", epochs=1, checkpoint_dir=ck)
     with pytest.raises(UserError, match="different model"):
         run(Config(progress=False, epochs=2, checkpoint_dir=ck, resume=True, model="logreg"))
+
+
+@pytest.mark.mpi(min_size=1)
+def test_parameter_server_synchronous_matches_ring(mpi_tmp_path):
+    ring = train(mpi_tmp_path, "ring", topology="ring", epochs=3, momentum=0.0)
+    ps = train(mpi_tmp_path, "ps0", topology="ps", staleness="0", epochs=3, momentum=0.0)
+    assert abs(ps["test_accuracy"] - ring["test_accuracy"]) <= 0.01
+    assert ps["ranks_consistent"]
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("staleness", ["2", "inf"])
+def test_parameter_server_stale_trains_and_ends_identical(mpi_tmp_path, staleness):
+    final = train(mpi_tmp_path, f"ps{staleness}", topology="ps", staleness=staleness, epochs=4,
+                  straggler="0:2" if MPI.COMM_WORLD.size > 1 else None)
+    assert final["test_accuracy"] > 0.85 and final["ranks_consistent"]
