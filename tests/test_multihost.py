@@ -73,3 +73,11 @@ def test_a_cut_link_ends_the_job_with_a_clear_error(tmp_path):
     assert job.returncode not in (0, None)
     assert ended < 10 + 20
     assert "mpiml watchdog: stall:" in out and "has not completed after" in out and "aborting the job" in out
+
+
+def test_parameter_server_across_hosts(tmp_path):
+    with Hosts(3) as hosts:
+        done = train(hosts, 3, ["--epochs", "2", "--topology", "ps", "--staleness", "inf",
+                                "--metrics", str(tmp_path / "ps.jsonl")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert final(tmp_path / "ps.jsonl")["ranks_consistent"]
