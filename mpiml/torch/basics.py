@@ -1,0 +1,273 @@
+"""Process-wide state of mpiml.torch: ``init``/``shutdown``, ranks and sizes, settings, the timeline switch.
+
+Settings are read by ``init()`` from the environment, under Horovod's
+names where Horovod has one:
+
+=================================  ==========================================================
+``HOROVOD_FUSION_THRESHOLD``       bytes per fused allreduce/broadcast (default 128 MiB; 0: no fusion)
+``HOROVOD_CYCLE_TIME``             milliseconds between negotiation cycles while busy (default 1)
+``HOROVOD_TIMELINE``               write a Chrome trace of every rank's phases to this path
+``HOROVOD_TIMELINE_MARK_CYCLES``   1: mark each negotiation cycle in the trace
+``HOROVOD_STALL_CHECK_TIME_SECONDS``  warn when a name waits this long for some ranks (default 60)
+``HOROVOD_STALL_CHECK_DISABLE``    1: no stall warnings
+``MPIML_ALGORITHM``                mpiml.collectives algorithm: ring (default), tree, butterfly, mpi
+=================================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from typing import Any
+
+from mpi4py import MPI
+
+from .. import collectives
+from .engine import Engine
+from .requests import HorovodInternalError, ReduceOp
+
+__all__ = ["init", "shutdown", "is_initialized", "size", "rank", "local_size", "local_rank", "cross_size",
+           "cross_rank", "engine", "start_timeline", "stop_timeline", "mpi_threads_supported", "mpi_enabled",
+           "mpi_built", "gloo_enabled", "gloo_built", "nccl_built", "ddl_built", "ccl_built", "cuda_built",
+           "rocm_built", "is_homogeneous", "ProcessSet", "global_process_set", "add_process_set",
+           "remove_process_set", "check_process_set", "HorovodInternalError", "ReduceOp", "Average", "Sum",
+           "Adasum", "Min", "Max", "Product", "settings"]
+
+Average, Sum, Adasum, Min, Max, Product = (ReduceOp.Average, ReduceOp.Sum, ReduceOp.Adasum, ReduceOp.Min,
+                                           ReduceOp.Max, ReduceOp.Product)
+DEFAULT_FUSION_THRESHOLD = 128 * 1024 * 1024
+NOT_INITIALIZED = "Horovod has not been initialized; use hvd.init()."
+
+
+class _State:
+    def __init__(self, comm: MPI.Intracomm, engine: Engine) -> None:
+        self.comm = comm
+        self.engine = engine
+        self.local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+        self.cross = comm.Split(color=self.local.Get_rank(), key=comm.Get_rank())
+
+
+_state: _State | None = None
+_atexit_registered = False
+
+
+def _env_number(name: str, default: float, kind: type = float) -> Any:
+    text = os.environ.get(name)
+    if text is None or text.strip() == "":
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a valid {kind.__name__}") from None
+    if value < 0:
+        raise ValueError(f"{name}={text!r} must not be negative")
+    return value
+
+
+def settings() -> dict[str, Any]:
+    """The engine settings ``init()`` would use now (from the environment)."""
+    algorithm = os.environ.get("MPIML_ALGORITHM", "ring").strip() or "ring"
+    if algorithm not in collectives.ALGORITHMS:
+        raise ValueError(f"MPIML_ALGORITHM={algorithm!r} is not an mpiml algorithm; choose from "
+                         f"{', '.join(collectives.ALGORITHMS)}")
+    stall = _env_number("HOROVOD_STALL_CHECK_TIME_SECONDS", 60.0)
+    if os.environ.get("HOROVOD_STALL_CHECK_DISABLE", "0") not in ("", "0"):
+        stall = 0.0
+    return {
+        "algorithm": algorithm,
+        "cycle_time": _env_number("HOROVOD_CYCLE_TIME", 1.0) / 1000.0,
+        "fusion_threshold": _env_number("HOROVOD_FUSION_THRESHOLD", DEFAULT_FUSION_THRESHOLD, int),
+        "stall_seconds": stall,
+        "timeline_path": os.environ.get("HOROVOD_TIMELINE") or None,
+        "mark_cycles": os.environ.get("HOROVOD_TIMELINE_MARK_CYCLES", "0") not in ("", "0"),
+    }
+
+
+def init(comm: MPI.Intracomm | list[int] | None = None, process_sets: Any = None) -> None:
+    """Start mpiml.torch on ``comm`` (default COMM_WORLD; or a list of world ranks); idempotent.
+
+    Starts this process's engine thread. Every rank of ``comm`` must call
+    it. ``process_sets`` other than None are not supported.
+    """
+    global _state, _atexit_registered
+    if _state is not None and not _state.engine.stopped:
+        return
+    if _state is not None:  # stopped by a peer's shutdown: start afresh
+        shutdown()
+    if process_sets not in (None, [], ()):
+        raise ValueError("process sets are not supported by mpiml.torch; use an MPI communicator (init(comm=...))")
+    if not MPI.Is_initialized():
+        MPI.Init_thread(MPI.THREAD_MULTIPLE)
+    if isinstance(comm, (list, tuple)):
+        comm = _comm_of_ranks(list(comm))
+    comm = MPI.COMM_WORLD if comm is None else comm
+    if not isinstance(comm, MPI.Intracomm):
+        raise ValueError(f"init(comm=...) takes an mpi4py intracommunicator or a list of ranks, got {comm!r}")
+    if MPI.Query_thread() < MPI.THREAD_SERIALIZED:
+        raise RuntimeError("mpiml.torch needs MPI initialised with at least MPI_THREAD_SERIALIZED "
+                           "(mpi4py's default is THREAD_MULTIPLE)")
+    _state = _State(comm, Engine(comm, **settings()))
+    if not _atexit_registered:
+        atexit.register(_shutdown_at_exit)
+        _atexit_registered = True
+
+
+def _comm_of_ranks(ranks: list[int]) -> MPI.Intracomm:
+    world = MPI.COMM_WORLD
+    if sorted(set(ranks)) != sorted(ranks) or any(not 0 <= r < world.Get_size() for r in ranks):
+        raise ValueError(f"init(comm={ranks}): ranks must be distinct world ranks below {world.Get_size()}")
+    if world.Get_rank() not in ranks:
+        raise ValueError(f"init(comm={ranks}): this process (world rank {world.Get_rank()}) is not in the list")
+    group = world.Get_group().Incl(ranks)
+    try:
+        return world.Create_group(group)
+    finally:
+        group.Free()
+
+
+def _shutdown_at_exit() -> None:
+    if _state is not None and not _state.engine.stopped and MPI.Is_initialized() and not MPI.Is_finalized():
+        shutdown()
+
+
+def shutdown() -> None:
+    """Stop the engine on every rank (agreed, so all stop in the same cycle); pending ops fail."""
+    global _state
+    state, _state = _state, None
+    if state is None:
+        return
+    state.engine.shutdown()
+    for c in (state.local, state.cross):
+        c.Free()
+
+
+def is_initialized() -> bool:
+    return _state is not None and not _state.engine.stopped
+
+
+def _get() -> _State:
+    if _state is None:
+        raise ValueError(NOT_INITIALIZED)
+    return _state
+
+
+def engine() -> Engine:
+    """This process's engine (ValueError before ``init()``)."""
+    return _get().engine
+
+
+def size() -> int:
+    return _get().comm.Get_size()
+
+
+def rank() -> int:
+    return _get().comm.Get_rank()
+
+
+def local_size() -> int:
+    """Ranks on this host."""
+    return _get().local.Get_size()
+
+
+def local_rank() -> int:
+    return _get().local.Get_rank()
+
+
+def cross_size() -> int:
+    """Ranks with this rank's local rank, one per host (the number of hosts, when they hold equal counts)."""
+    return _get().cross.Get_size()
+
+
+def cross_rank() -> int:
+    return _get().cross.Get_rank()
+
+
+def is_homogeneous() -> bool:
+    """Whether every host runs the same number of ranks."""
+    state = _get()
+    counts = state.comm.allgather(state.local.Get_size())
+    return len(set(counts)) == 1
+
+
+def start_timeline(file_path: str, mark_cycles: bool = False) -> None:
+    """Record this rank's engine phases to a Chrome trace (rank r > 0 writes ``<stem>.rank<r><suffix>``)."""
+    engine().set_timeline(file_path, mark_cycles)
+
+
+def stop_timeline() -> None:
+    """Stop recording and close this rank's trace file."""
+    engine().set_timeline(None)
+
+
+def mpi_threads_supported() -> bool:
+    return MPI.Query_thread() == MPI.THREAD_MULTIPLE
+
+
+def mpi_enabled() -> bool:
+    return True
+
+
+def mpi_built() -> bool:
+    return True
+
+
+def gloo_enabled() -> bool:
+    return False
+
+
+def gloo_built() -> bool:
+    return False
+
+
+def nccl_built() -> int:
+    return 0
+
+
+def ddl_built() -> bool:
+    return False
+
+
+def ccl_built() -> bool:
+    return False
+
+
+def cuda_built() -> bool:
+    return False
+
+
+def rocm_built() -> bool:
+    return False
+
+
+class ProcessSet:
+    """Horovod's process sets, reduced to the one mpiml.torch supports: all ranks."""
+
+    process_set_id = 0
+
+    def size(self) -> int:
+        return size()
+
+    def rank(self) -> int:
+        return rank()
+
+    def included(self) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "ProcessSet(global)"
+
+
+global_process_set = ProcessSet()
+
+
+def check_process_set(process_set: Any) -> None:
+    if process_set is not None and process_set is not global_process_set:
+        raise ValueError("process sets other than hvd.global_process_set are not supported by mpiml.torch")
+
+
+def add_process_set(process_set: Any) -> ProcessSet:
+    raise ValueError("process sets are not supported by mpiml.torch; init(comm=...) takes a sub-communicator")
+
+
+def remove_process_set(process_set: Any) -> bool:
+    raise ValueError("process sets are not supported by mpiml.torch")

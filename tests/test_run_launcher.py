@@ -1,0 +1,175 @@
+"""python -m mpiml.run: horovodrun's flags translated for MPICH's Hydra and for Open MPI, and real launches."""
+
+import os
+import re
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from mpiml import run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPENMPI_PYTHON = os.path.join(ROOT, ".venv-openmpi", "bin", "python")
+
+
+def command(argv, flavor, environ=None):
+    args = run.parse_args(argv)
+    cmd, env = run.build_command(args, "/bin/mpiexec", flavor, dict(environ or {"PATH": "/usr/bin"}))
+    return cmd, env
+
+
+def test_np_and_the_program_for_both_flavors():
+    for flavor in ("hydra", "openmpi"):
+        cmd, _ = command(["-np", "4", "train.py", "--epochs", "2"], flavor)
+        assert cmd[:3] == ["/bin/mpiexec", "-n", "4"]
+        assert cmd[-4:] == [sys.executable, "train.py", "--epochs", "2"]
+    cmd, _ = command(["-np", "2", "python", "-m", "mpiml.train"], "hydra")
+    assert cmd[-3:] == [sys.executable, "-m", "mpiml.train"]  # the ranks use this interpreter
+    cmd, _ = command(["-np", "2", "./a.out", "x"], "hydra")
+    assert cmd[-2:] == ["./a.out", "x"]
+
+
+def test_hosts_and_hostfiles_are_translated(tmp_path):
+    cmd, _ = command(["-np", "4", "-H", "a:2,b:2", "t.py"], "hydra")
+    assert cmd[3:5] == ["-hosts", "a:2,b:2"]
+    cmd, _ = command(["-np", "3", "-H", "a:2,b", "t.py"], "openmpi")
+    assert "-H" in cmd and cmd[cmd.index("-H") + 1] == "a:2,b:1"
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# cluster\nnode1 slots=4\nnode2:2\n\nnode3\n")
+    for flavor, flag, expected in (("hydra", "-f", "node1:4\nnode2:2\nnode3:1\n"),
+                                   ("openmpi", "--hostfile", "node1 slots=4\nnode2 slots=2\nnode3 slots=1\n")):
+        cmd, _ = command(["-np", "7", "--hostfile", str(hostfile), "t.py"], flavor)
+        with open(cmd[cmd.index(flag) + 1]) as f:
+            assert f.read() == expected
+    cmd, _ = command(["--hostfile", str(hostfile), "t.py"], "hydra")
+    assert cmd[2] == "7"  # -np defaults to the slots given
+
+
+def test_settings_become_environment_variables_on_the_ranks():
+    argv = ["-np", "2", "--fusion-threshold-mb", "32", "--cycle-time-ms", "3.5", "--timeline-filename", "t.json",
+            "--timeline-mark-cycles", "--no-stall-check", "--algorithm", "tree", "-x", "FOO=bar", "-x", "HOME",
+            "t.py"]
+    environ = {"PATH": "/usr/bin", "HOME": "/root", "HOROVOD_LOG_LEVEL": "debug", "UNRELATED": "1"}
+    expected = {"HOROVOD_FUSION_THRESHOLD": str(32 * 1024 * 1024), "HOROVOD_CYCLE_TIME": "3.5",
+                "HOROVOD_TIMELINE": os.path.abspath("t.json"), "HOROVOD_TIMELINE_MARK_CYCLES": "1",
+                "HOROVOD_STALL_CHECK_DISABLE": "1", "MPIML_ALGORITHM": "tree", "FOO": "bar"}
+    cmd, env = command(argv, "hydra", environ)
+    for name, value in expected.items():
+        assert env[name] == value
+        i = cmd.index(name)
+        assert cmd[i - 1:i + 2] == ["-genv", name, value]
+    assert cmd[cmd.index("HOME") - 1:cmd.index("HOME") + 2] == ["-genv", "HOME", "/root"]
+    cmd, env = command(argv, "openmpi", environ)
+    forwarded = {cmd[i + 1] for i, part in enumerate(cmd) if part == "-x"}
+    assert forwarded == set(expected) | {"PATH", "HOME", "HOROVOD_LOG_LEVEL"}
+    assert env["FOO"] == "bar" and "UNRELATED" not in forwarded
+
+
+def test_open_mpi_needs_binding_oversubscription_and_root_permission():
+    cmd, env = command(["-np", "8", "--oversubscribe", "t.py"], "openmpi")
+    assert "--oversubscribe" in cmd and cmd[cmd.index("--bind-to") + 1] == "none"
+    if os.geteuid() == 0:
+        assert env["OMPI_ALLOW_RUN_AS_ROOT"] == env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] == "1"
+    cmd, env = command(["-np", "8", "--oversubscribe", "t.py"], "hydra")
+    assert "--oversubscribe" not in cmd and "OMPI_ALLOW_RUN_AS_ROOT" not in env
+    cmd, _ = command(["-np", "2", "-p", "2222", "--network-interface", "eth1", "--mpi-args=--tag-output",
+                      "t.py"], "openmpi")
+    joined = " ".join(cmd)
+    assert "--mca plm_rsh_args -p 2222" in joined and "btl_tcp_if_include eth1" in joined and "--tag-output" in cmd
+    cmd, _ = command(["-np", "2", "--network-interface", "eth1", "t.py"], "hydra")
+    assert cmd[cmd.index("-iface") + 1] == "eth1"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["t.py"], "-np is required"),
+    (["-np", "0", "t.py"], "at least 1"),
+    (["-np", "2"], "no command"),
+    (["-np", "5", "-H", "a:2,b:2", "t.py"], "more than the 4 slots"),
+    (["-np", "2", "-H", "a:0", "t.py"], "bad host"),
+    (["-np", "2", "-H", "a:x", "t.py"], "bad host"),
+    (["-np", "2", "--hostfile", "/nonexistent/hosts", "t.py"], "No such file"),
+    (["-np", "2", "--gloo", "t.py"], "Gloo"),
+    (["-np", "2", "--min-np", "1", "t.py"], "elastic"),
+    (["-np", "2", "--host-discovery-script", "d.sh", "t.py"], "elastic"),
+    (["-np", "2", "-x", "1BAD", "t.py"], "NAME=VALUE"),
+])
+def test_bad_command_lines_are_refused_clearly(argv, message):
+    with pytest.raises(run.LaunchError, match=message):
+        run.parse_args(argv)
+
+
+def test_unknown_flags_and_hydra_only_refusals(capsys):
+    with pytest.raises(SystemExit) as e:
+        run.parse_args(["-np", "2", "--bogus", "t.py"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(run.LaunchError, match="ssh/config"):
+        command(["-np", "2", "-p", "2222", "t.py"], "hydra")
+    assert run.main(["-np", "2", "--gloo", "t.py"]) == 2
+    assert "mpiml.run: error: --gloo" in capsys.readouterr().err
+
+
+def fake_mpiexec(tmp_path, text):
+    path = tmp_path / "mpiexec"
+    path.write_text(f"#!/bin/sh\ncat <<'EOF'\n{text}\nEOF\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+def test_flavor_detection_from_version_output(tmp_path):
+    assert run.detect_flavor(fake_mpiexec(tmp_path, "HYDRA build details:\n    Version: 5.0.2"))[0] == "hydra"
+    assert run.detect_flavor(fake_mpiexec(tmp_path, "mpiexec (Open MPI) 5.0.11\n\nReport bugs"))[0] == "openmpi"
+    with pytest.raises(run.LaunchError, match="does not look like"):
+        run.detect_flavor(fake_mpiexec(tmp_path, "some other launcher 1.0"))
+    with pytest.raises(run.LaunchError, match="not an executable"):
+        run.find_mpiexec(str(tmp_path / "missing"))
+
+
+def test_dry_run_prints_the_command(tmp_path, capsys):
+    mpiexec = fake_mpiexec(tmp_path, "HYDRA build details:")
+    assert run.main(["-np", "3", "--dry-run", "--mpiexec", mpiexec, "script.py", "a b"]) == 0
+    assert f"mpiml.run: {mpiexec} -n 3 {sys.executable} script.py 'a b'" in capsys.readouterr().err
+
+
+SCRIPT = """
+import os, sys
+import mpiml.torch as hvd
+hvd.init()
+print(f"rank {hvd.rank()} of {hvd.size()} fusion {os.environ.get('HOROVOD_FUSION_THRESHOLD')} arg {sys.argv[1]}")
+"""
+
+
+def launch(python, extra, tmp_path):
+    script = tmp_path / "hello.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([python, "-m", "mpiml.run", "-np", "2", "--verbose", "--fusion-threshold-mb", "1",
+                           *extra, str(script), "xyz"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_launches_a_job_with_mpich(tmp_path):
+    out = launch(sys.executable, [], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert sorted(re.findall(r"rank \d of \d fusion \d+ arg \w+", out.stdout)) == [
+        "rank 0 of 2 fusion 1048576 arg xyz", "rank 1 of 2 fusion 1048576 arg xyz"]
+    assert "mpiml.run: " in out.stderr and "-genv HOROVOD_FUSION_THRESHOLD 1048576" in out.stderr
+
+
+@pytest.mark.skipif(not os.path.exists(OPENMPI_PYTHON), reason=".venv-openmpi (make install-openmpi) is missing")
+def test_launches_a_job_with_open_mpi(tmp_path):
+    out = launch(OPENMPI_PYTHON, ["--oversubscribe"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert sorted(re.findall(r"rank \d of \d fusion \d+ arg \w+", out.stdout)) == [
+        "rank 0 of 2 fusion 1048576 arg xyz", "rank 1 of 2 fusion 1048576 arg xyz"]
+    assert "--bind-to none" in out.stderr and "-x HOROVOD_FUSION_THRESHOLD" in out.stderr
+
+
+def test_the_horovod_style_example_trains_under_the_launcher():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "mpiml.run", "-np", "2", "scripts/examples/horovod_mnist_style.py"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    accuracy = float(out.stdout.strip().rsplit("Accuracy: ", 1)[1].rstrip("%"))
+    assert accuracy > 85, out.stdout
