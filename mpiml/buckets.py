@@ -28,6 +28,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .timeline import Timeline
+
 __all__ = ["Bucket", "GradientBuckets", "COMPRESSIONS"]
 
 COMPRESSIONS = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -72,6 +74,7 @@ class GradientBuckets:
         self._queue: queue.Queue[Bucket | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self.comm_seconds = 0.0
+        self.timeline = Timeline(None)
         self._hooks = []
         if overlap:
             for i, p in enumerate(params):
@@ -153,6 +156,12 @@ class GradientBuckets:
     def _run(self, bucket: Bucket) -> None:
         start = time.perf_counter()
         name = f"gradients step {self.step} bucket {bucket.index}"
+        with self.timeline.span(f"allreduce bucket {bucket.index}", "comm", row="communication thread",
+                                bytes=bucket.view.numel() * bucket.view.element_size(), step=self.step):
+            self._reduce_bucket(bucket, name)
+        self.comm_seconds += time.perf_counter() - start
+
+    def _reduce_bucket(self, bucket: Bucket, name: str) -> None:
         if not bool(torch.isfinite(bucket.view.sum(dtype=torch.float64))):
             self.local_finite = False  # this rank's own gradient, before it is mixed with the others'
         if self.compression is None:
@@ -164,7 +173,6 @@ class GradientBuckets:
             bucket.compressed.copy_(bucket.view)
             self.reduce(bucket.compressed, "sum", name)
             bucket.view.copy_(bucket.compressed)
-        self.comm_seconds += time.perf_counter() - start
 
     # ------------------------------------------------------------ step time (main thread)
 

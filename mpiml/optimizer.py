@@ -34,6 +34,7 @@ from mpi4py import MPI
 from . import collectives, guards, mixing, traffic
 from .buckets import COMPRESSIONS, GradientBuckets
 from .runtime import UserError
+from .timeline import Timeline
 
 __all__ = ["DistributedOptimizer", "TOPOLOGIES", "EXACT_TOPOLOGIES", "DEFAULT_BUCKET_BYTES"]
 
@@ -141,6 +142,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._grad_groups.append(gg)
         self.on_nan, self.check_consistency_every = on_nan, check_consistency_every
         self.average_every = average_every
+        self._timeline = Timeline(None)
         self.skipped_steps: list[tuple[int, list[int]]] = []  # (step, ranks with non-finite gradients)
         self.step_count = 0
         self._local_finite = True
@@ -316,13 +318,25 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._reattach_grads()
 
     # -- communication
+    @property
+    def timeline(self) -> Any:
+        return self._timeline
+
+    @timeline.setter
+    def timeline(self, value: Any) -> None:
+        """A ``mpiml.timeline.Timeline``: waits and each bucket's allreduce appear in it."""
+        self._timeline = value
+        if self._buckets is not None:
+            self._buckets.timeline = value
+
     def synchronize(self) -> None:
         """Finish averaging gradients across ranks (exact topologies); a no-op for butterfly mixing."""
         if self._buckets is not None:
             start = time.perf_counter()
             self._reattach_grads()
             self._buckets.flush()
-            self._buckets.wait()
+            with self._timeline.span("wait for gradients", "comm"):
+                self._buckets.wait()
             self._local_finite = self._buckets.local_finite
             self._buckets.reset()
             self.wait_seconds += time.perf_counter() - start

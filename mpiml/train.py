@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from .models import MODELS, ModelError, build_model
 from .optimizer import DEFAULT_BUCKET_BYTES, EXACT_TOPOLOGIES, TOPOLOGIES, DistributedOptimizer
 from .params import broadcast_parameters, parameters_sha256
 from .runtime import UserError, abort_on_exception, agree
+from .timeline import Timeline
 
 __all__ = ["Config", "parse_args", "main", "run"]
 
@@ -82,6 +84,7 @@ class Config:
     average_every: int = 0
     straggler: str | None = None
     staleness: str = "0"
+    timeline: str | None = None
 
     def hidden_sizes(self) -> tuple[int, ...]:
         try:
@@ -231,6 +234,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
                         "synchronous, 'inf' fully asynchronous (default %(default)s)")
     p.add_argument("--straggler", metavar="RANK:FACTOR",
                    help="slow RANK's computation down by FACTOR (it sleeps FACTOR-1 times its compute time)")
+    p.add_argument("--timeline", metavar="PATH", default=os.environ.get("HOROVOD_TIMELINE") or None,
+                   help="write a Chrome-trace JSON of every rank's phases (forward, backward, waiting, each "
+                        "bucket's allreduce), viewable in Perfetto (default: $HOROVOD_TIMELINE)")
     p.add_argument("--fault", metavar="KIND:RANK:STEP",
                    help="failure testing: at global step STEP, rank RANK hangs, kills itself (SIGKILL), exits, "
                         "gets a NaN loss, or corrupts its parameters (KIND: hang, kill, exit, nan, corrupt)")
@@ -458,6 +464,7 @@ class _Run:
     fault: tuple[str, int, int] | None = None
     straggler: tuple[int, float] | None = None
     started: float = 0.0
+    timeline: Timeline = dataclasses.field(default_factory=lambda: Timeline(None))
     train_seconds: float = 0.0
     step_seconds: float = 0.0  # this rank's compute time per step in the last epoch (async load balancing)
 
@@ -532,14 +539,18 @@ def _train_epoch(run: _Run, epoch: int) -> None:
                 group["lr"] = _lr_at(cfg, pos.global_step, run.steps0, comm.Get_size())
             xb, yb = torch.from_numpy(x[batches[i]]), torch.from_numpy(y[batches[i]])
             started = time.perf_counter()
-            loss = F.cross_entropy(run.model(xb), yb)
+            tl = run.timeline
+            with tl.span("forward", "compute", step=pos.global_step):
+                loss = F.cross_entropy(run.model(xb), yb)
             if run.fault is not None and run.fault[2] == pos.global_step and run.fault[1] == comm.Get_rank():
                 loss = _inject(run.fault[0], loss, run.model)
             dopt.zero_grad()
-            loss.backward()
+            with tl.span("backward", "compute", step=pos.global_step):
+                loss.backward()
             if run.straggler is not None and run.straggler[0] == comm.Get_rank():
                 time.sleep((run.straggler[1] - 1) * (time.perf_counter() - started))  # --straggler: slow compute
-            dopt.step()
+            with tl.span("step", "optimizer", step=pos.global_step):
+                dopt.step()
             loss_sum += float(loss.detach())
             pos.global_step += 1
             if bar is not None:
@@ -624,10 +635,14 @@ def _train(cfg: Config, dog: watchdog.Watchdog) -> int:
     started = time.perf_counter()
     run = _setup(cfg, dog)
     run.started = started
+    if cfg.timeline:
+        run.timeline = Timeline(cfg.timeline, rank=run.comm.Get_rank(), size=run.comm.Get_size())
+        run.dopt.timeline = run.timeline
     for epoch in range(run.pos.epoch, cfg.epochs):
         _train_epoch(run, epoch)
     with watchdog.watch("final"):
         _finish(run, started)
+    run.timeline.close(run.comm)
     return 0
 
 

@@ -76,3 +76,16 @@ def test_user_script_example():
     assert out.returncode == 0, out.stderr
     accuracy = float(out.stdout.split("test accuracy ")[1].split()[0])
     assert accuracy > 0.9
+
+
+def test_timeline_has_every_ranks_phases(tmp_path):
+    path = tmp_path / "trace.json"
+    out = launch(["-m", "mpiml.train", "--epochs", "1", "--timeline", str(path)], ranks=2)
+    assert out.returncode == 0, out.stderr
+    events = json.loads(path.read_text())
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {(e.get("pid"), e.get("name")) for e in events}
+    for rank_pid in {e["pid"] for e in events if e.get("name") == "forward"}:
+        for phase in ("forward", "backward", "wait for gradients", "allreduce bucket 0"):
+            assert (rank_pid, phase) in names
+    assert len({e["pid"] for e in events if e.get("name") == "forward"}) == 2
