@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .guards import all_finite
 from .timeline import Timeline
 
 __all__ = ["Bucket", "GradientBuckets", "COMPRESSIONS"]
@@ -162,7 +163,7 @@ class GradientBuckets:
         self.comm_seconds += time.perf_counter() - start
 
     def _reduce_bucket(self, bucket: Bucket, name: str) -> None:
-        if not bool(torch.isfinite(bucket.view.sum(dtype=torch.float64))):
+        if not all_finite(bucket.view):
             self.local_finite = False  # this rank's own gradient, before it is mixed with the others'
         if self.compression is None:
             self.reduce(bucket.view, "mean", name)

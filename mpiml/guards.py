@@ -1,7 +1,7 @@
 """Guards against numbers that went wrong and replicas that drifted apart.
 
 - ``finite(buffers)``: whether this rank's gradients are all finite (one
-  pass, summed in float64 so large but finite values do not overflow).
+  vectorised sum; an element-wise check only when that sum overflows).
 - ``agree_finite(ok, comm, step)``: a collective decision (one tiny
   allreduce): the ranks whose gradients were not finite, identical on every
   rank, so every rank skips or aborts the same step before anything
@@ -34,8 +34,14 @@ class ReplicasDiverged(UserError):
     """Ranks hold different parameters where an exact topology promises identical ones."""
 
 
+def all_finite(buffer: torch.Tensor) -> bool:
+    """No NaN or Inf in ``buffer``: one vectorised sum (NaN and Inf survive it); only if that sum
+    overflows is every element checked, so huge but finite values are not mistaken for Inf."""
+    return bool(torch.isfinite(buffer.sum())) or bool(torch.isfinite(buffer).all())
+
+
 def finite(buffers: Sequence[torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(b.sum(dtype=torch.float64))) for b in buffers if b.numel())
+    return all(all_finite(b) for b in buffers if b.numel())
 
 
 def agree_finite(ok: bool, comm: MPI.Comm, step: int) -> list[int]:

@@ -73,7 +73,7 @@ class Config:
     resume: bool = False
     threads: int = 1
     progress: bool = True
-    overlap: bool = True
+    overlap: bool | None = None
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     compression: str = "none"
     stall_warning: float = 60.0
@@ -212,8 +212,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads per rank (default %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--overlap", dest="overlap", action="store_true", default=None,
+                   help="allreduce gradient buckets on a communication thread during backward (default: when "
+                        "the host has a core to spare for it)")
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
-                   help="combine gradients after backward instead of bucket by bucket during it")
+                   help="combine gradients after backward instead")
     p.add_argument("--bucket-bytes", type=int, default=d.bucket_bytes,
                    help="gradient bucket size for overlap (default %(default)s)")
     p.add_argument("--compression", choices=("none", "fp16", "bf16"), default=d.compression,

@@ -28,7 +28,7 @@ __all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "choose", "c
 
 # Measured with `python -m mpiml.bench calibrate` at 2 ranks (MPICH 5.0.2 wheel, 2-core VM), see README.
 DEFAULT_TABLE: dict[str, list[list[Any]]] = {
-    "2": [[8 << 10, "butterfly"], [2 << 20, "mpi"], [None, "butterfly"]],
+    "2": [[2 << 20, "mpi"], [8 << 20, "ring"], [32 << 20, "butterfly"], [None, "tree"]],
 }
 _keyval: int | None = None
 
