@@ -137,7 +137,8 @@ def test_overlap_starts_buckets_during_backward():
     """With small buckets the last layer's bucket is reduced before backward reaches the first layer."""
     comm = MPI.COMM_WORLD
     model, x, y = model_and_data(seed=comm.rank)
-    opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, bucket_bytes=64)
+    opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, bucket_bytes=64,
+                                     overlap=True)
     first_layer = model[0].weight
     seen = []
     first_layer.register_post_accumulate_grad_hook(lambda p: seen.append([b.launched for b in opt.buckets]))
@@ -172,7 +173,7 @@ def test_many_overlapped_steps_keep_replicas_identical():
     comm = MPI.COMM_WORLD
     model, x, y = model_and_data(seed=comm.rank)
     opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), model,
-                                     bucket_bytes=64)
+                                     bucket_bytes=64, overlap=True)
     for _ in range(400):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
