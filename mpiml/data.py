@@ -176,6 +176,8 @@ class SyntheticSource:
         for flag, value, least in (("--samples", samples, 1), ("--features", features, 1), ("--classes", classes, 2)):
             if value < least:
                 raise DataError(f"synthetic: {flag} must be at least {least}, got {value}")
+        if not separation > 0:
+            raise DataError(f"synthetic: --separation must be positive, got {separation}")
         self.n, self.sample_shape, self.num_classes, self.seed = samples, (features,), classes, seed
         rng = np.random.default_rng([seed, 0xC3])
         self.centres = (rng.standard_normal((classes, features)) * separation).astype(np.float32)
@@ -275,14 +277,14 @@ def _open_npz_member(path: str, key: str) -> np.ndarray:
 
 
 def open_source(dataset: str, data_path: str | None = None, samples: int = 10000, features: int = 32,
-                classes: int = 10, seed: int = 0) -> Source:
+                classes: int = 10, seed: int = 0, separation: float = 1.0) -> Source:
     """The source named by the CLI's ``--dataset`` / ``--data``; raises DataError naming the problem."""
     if data_path:
         return ArraySource(data_path)
     if dataset == "digits":
         return DigitsSource()
     if dataset == "synthetic":
-        return SyntheticSource(samples, features, classes, seed)
+        return SyntheticSource(samples, features, classes, seed, separation)
     raise DataError(f"unknown dataset {dataset!r}; choose digits or synthetic, or give --data PATH")
 
 

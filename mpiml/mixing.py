@@ -14,7 +14,8 @@ global synchronisation: a slow rank delays only its partner.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

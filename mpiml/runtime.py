@@ -5,7 +5,8 @@ from __future__ import annotations
 import atexit
 import sys
 import traceback
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from mpi4py import MPI
 

@@ -55,6 +55,7 @@ class Config:
     samples: int = 10000
     features: int = 32
     classes: int | None = None
+    separation: float = 0.5
     epochs: int = 20
     batch_size: int = 32
     lr: float = 0.05
@@ -187,6 +188,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
                                                   "(overrides --dataset)")
     p.add_argument("--samples", type=int, default=d.samples, help="synthetic: rows (default %(default)s)")
     p.add_argument("--features", type=int, default=d.features, help="synthetic: features (default %(default)s)")
+    p.add_argument("--separation", type=float, default=d.separation,
+                   help="synthetic: scale of the class centres against unit noise; smaller is harder "
+                        "(default %(default)s)")
     p.add_argument("--classes", type=int, default=d.classes,
                    help="synthetic: classes (default 10); --data: number of classes (default: max label + 1)")
     p.add_argument("--epochs", type=int, default=d.epochs)
@@ -257,7 +261,8 @@ def _open_data(cfg: Config, comm: MPI.Comm) -> tuple[ShardedData, tuple[np.ndarr
     def local() -> tuple[ShardedData, tuple[np.ndarray, np.ndarray], int, int]:
         try:
             classes = cfg.classes if cfg.classes is not None else 10
-            source = open_source(cfg.dataset, cfg.data, cfg.samples, cfg.features, classes, cfg.seed)
+            source = open_source(cfg.dataset, cfg.data, cfg.samples, cfg.features, classes, cfg.seed,
+                                 cfg.separation)
             shard = ShardedData(source, r, k, cfg.seed, cfg.test_fraction, cfg.shuffle)
             test = shard.test_set()
             lo, hi = block(source.n, k, r)

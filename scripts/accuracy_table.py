@@ -1,6 +1,7 @@
 """Final test accuracy of ``python -m mpiml.train`` for every topology and rank count, as a table.
 
-    .venv/bin/python scripts/accuracy_table.py [--ranks 1,2,4] [--epochs 20] [--json out/accuracy.json] [-- extra train flags]
+    .venv/bin/python scripts/accuracy_table.py [--ranks 1,2,4] [--epochs 20] [--json out/accuracy.json]
+                                               [-- extra train flags]
 
 Each cell is one run of ``mpiexec -n K python -m mpiml.train --topology T`` with
 the defaults (MLP on digits, batch 32 per rank, lr 0.05, seed 0) plus any
@@ -43,7 +44,7 @@ def main() -> int:
     ranks = [int(k) for k in args.ranks.split(",")]
     topologies = args.topologies.split(",")
     results = {t: {k: run_one(k, t, args.epochs, args.extra) for k in ranks} for t in topologies}
-    print(f"| topology | " + " | ".join(f"K = {k}" for k in ranks) + " |")
+    print("| topology | " + " | ".join(f"K = {k}" for k in ranks) + " |")
     print("|---|" + "---|" * len(ranks))
     for t in topologies:
         cells = [f"{100 * results[t][k]['test_accuracy']:.2f}%" + ("" if results[t][k]["ranks_consistent"] else " (!)")

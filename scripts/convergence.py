@@ -73,7 +73,7 @@ def main() -> int:
     for dataset, by_name in results.items():
         print(f"\n{dataset}: final test accuracy % after {args.epochs} epochs (gap to K = {ranks[0]} of the same "
               "strategy in parentheses)")
-        print(f"| strategy | " + " | ".join(f"K = {k}" for k in ranks) + " |")
+        print("| strategy | " + " | ".join(f"K = {k}" for k in ranks) + " |")
         print("|---|" + "---|" * len(ranks))
         for name, by_k in by_name.items():
             base = by_k[str(ranks[0])][-1]["test_accuracy"]

@@ -3,8 +3,19 @@ import os
 import numpy as np
 import pytest
 
-from mpiml.data import (DIGITS_ROWS, ArraySource, DataError, DigitsSource, ShardedData, SyntheticSource,
-                        batch_indices, block, feistel_permutation, open_source, is_test_row)
+from mpiml.data import (
+    DIGITS_ROWS,
+    ArraySource,
+    DataError,
+    DigitsSource,
+    ShardedData,
+    SyntheticSource,
+    batch_indices,
+    block,
+    feistel_permutation,
+    is_test_row,
+    open_source,
+)
 
 
 def test_blocks_partition_rows():

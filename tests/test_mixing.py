@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 import torch
+from simcomm import simulate
 
 from mpiml import mixing
-from simcomm import simulate
 
 
 @pytest.mark.parametrize("k", [2, 4, 8, 16])

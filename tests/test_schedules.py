@@ -7,12 +7,12 @@ counts a 2-core machine cannot launch.
 
 import numpy as np
 import pytest
+from costmodel import butterfly_expected, ring_expected, tree_expected
+from simcomm import simulate
 
 from mpiml.collectives import butterfly, ring, tree
 from mpiml.collectives._buffers import reduction
 from mpiml.collectives._chunks import chunk_bounds
-from costmodel import butterfly_expected, ring_expected, tree_expected
-from simcomm import simulate
 
 ALGOS = {"ring": ring, "tree": tree, "butterfly": butterfly}
 RANKS = [1, 2, 3, 4, 5, 6, 7, 8, 12, 16]

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import array
 import zlib
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from mpi4py import MPI

@@ -13,8 +13,9 @@ chunks: ``combine(dst, src)`` leaves ``op(dst, src)`` in ``dst``, and
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 

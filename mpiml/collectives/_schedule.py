@@ -25,7 +25,8 @@ are skipped on both sides, which keeps that pairing intact.
 from __future__ import annotations
 
 import threading
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 from mpi4py import MPI

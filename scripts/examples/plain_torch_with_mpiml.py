@@ -28,7 +28,7 @@ optimizer = mpiml.DistributedOptimizer(optimizer, model, topology="ring")  # mpi
 mpiml.broadcast_parameters(model, root=0)  # mpiml: every replica starts from rank 0's weights
 mpiml.broadcast_optimizer_state(optimizer, root=0)  # mpiml
 
-for epoch in range(15):
+for _epoch in range(15):
     order = torch.randperm(len(train_y))
     for i in range(0, len(order) - 31, 32):
         batch = order[i:i + 32]
