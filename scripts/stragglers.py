@@ -1,7 +1,7 @@
 """What does one slow rank do to each strategy? Throughput and time to a target accuracy.
 
     python scripts/stragglers.py [--ranks 4] [--factors 1,2,4] [--strategies ...] [--target 0.95]
-                                 [--epochs 12] [--out out/stragglers]
+                                 [--epochs 12] [--out out/stragglers] [-- extra mpiml.train flags]
 
 Rank K-1 is slowed with ``--straggler K-1:FACTOR`` (it sleeps FACTOR-1 times
 its compute time each step). For each strategy and factor this reports the
@@ -31,6 +31,7 @@ def main() -> int:
     parser.add_argument("--target", type=float, default=0.95)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--out", default="out/stragglers")
+    parser.add_argument("extra", nargs="*", help="flags passed to mpiml.train (after --)")
     args = parser.parse_args()
     factors = [float(f) for f in args.factors.split(",")]
     names = args.strategies.split(",")
@@ -38,7 +39,7 @@ def main() -> int:
     for name in names:
         for factor in factors:
             extra = ["--straggler", f"{args.ranks - 1}:{factor:g}"] if factor > 1 else []
-            records = train(args.ranks, STRATEGIES[name] + ["--epochs", str(args.epochs)] + extra)
+            records = train(args.ranks, STRATEGIES[name] + ["--epochs", str(args.epochs), *args.extra] + extra)
             epochs = [r for r in records if not r.get("final")]
             table[(name, factor)] = {
                 "samples_per_sec": statistics.median(r["samples_per_sec"] for r in epochs[1:] or epochs),
