@@ -8,6 +8,7 @@ restores their dtype afterwards; other dtypes pass through unchanged.
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import torch
@@ -15,18 +16,18 @@ import torch
 __all__ = ["Compressor", "NoneCompressor", "FP16Compressor", "Compression"]
 
 
-class Compressor:
-    """Interface for compressing and decompressing a given tensor."""
+class Compressor(abc.ABC):
+    """Interface for compressing and decompressing a given tensor (Horovod's, for custom compressors)."""
 
     @staticmethod
+    @abc.abstractmethod
     def compress(tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Compresses a tensor and returns it with the context needed to decompress it."""
-        raise NotImplementedError
 
     @staticmethod
+    @abc.abstractmethod
     def decompress(tensor: torch.Tensor, ctx: Any) -> torch.Tensor:
         """Decompress the tensor with the given context."""
-        raise NotImplementedError
 
 
 class NoneCompressor(Compressor):
