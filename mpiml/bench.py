@@ -63,12 +63,8 @@ def _time_calls(fn: Any, x: np.ndarray, iters: int, comm: Any) -> float:
     for _ in range(iters):
         fn(x)
     elapsed = (time.perf_counter() - start) / iters
-    return comm.allreduce(elapsed, op=max_op())
-
-
-def max_op() -> Any:
     from mpi4py import MPI
-    return MPI.MAX
+    return comm.allreduce(elapsed, op=MPI.MAX)
 
 
 def allreduce_table(sizes: list[int], algorithms: list[str], dtype: str = "float32", op: str = "sum",

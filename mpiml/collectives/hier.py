@@ -138,10 +138,16 @@ class SharedArena:
 
 def _peer_views(topo: _Topology, a: np.ndarray) -> tuple[list[np.ndarray], MPI.Win, bool]:
     """Every local rank's copy of ``a`` (typed views), their window, and whether ``a`` is already in it."""
-    found = next(((arena, arena.locate(a)) for arena in topo.arenas if arena.locate(a) is not None), (None, -1))
-    arena, offset = found
-    index = topo.arenas.index(arena) if arena is not None else -1
-    if len(set(topo.node.allgather((index, offset)))) == 1 and arena is not None:
+    index, offset = -1, -1
+    for i, arena in enumerate(topo.arenas):
+        found = arena.locate(a)
+        if found is not None:
+            index, offset = i, found
+            break
+    # In place only if every rank found its buffer in the same arena at the same offset.
+    agreed = len(set(topo.node.allgather((index, offset)))) == 1
+    if index >= 0 and agreed:
+        arena = topo.arenas[index]
         return [seg[offset:offset + a.nbytes].view(a.dtype) for seg in arena.segments], arena.window, True
     segments = topo.scratch(a.nbytes)
     return [seg[:a.nbytes].view(a.dtype) for seg in segments], topo.window, False
