@@ -197,8 +197,10 @@ class ArraySource:
 
     def __init__(self, path: str) -> None:
         self.name = path
-        if not os.path.exists(path):
-            raise DataError(f"--data {path}: no such file or directory")
+        try:
+            os.stat(path)
+        except OSError as e:  # a symlink loop is not "no such file"
+            raise DataError(f"--data {path}: {(e.strerror or str(e)).lower()}") from None
         if not os.access(path, os.R_OK):
             raise DataError(f"--data {path}: permission denied")
         if os.path.isdir(path):
@@ -218,7 +220,33 @@ class ArraySource:
             raise DataError(f"--data {path}: X must be real numbers, got dtype {self.x.dtype}")
         if not np.issubdtype(self.y.dtype, np.integer):
             raise DataError(f"--data {path}: y must hold integer class labels, got dtype {self.y.dtype}")
+        if len(self.y) == 0:
+            raise DataError(f"--data {path}: X and y hold no rows")
+        if self.x[0].size == 0:
+            raise DataError(f"--data {path}: X has no features (shape {self.x.shape})")
         self.n, self.sample_shape, self.num_classes = len(self.y), tuple(self.x.shape[1:]), None
+
+    def scan(self, lo: int, hi: int, chunk_bytes: int = 1 << 24) -> tuple[int, int]:
+        """Rows ``[lo, hi)``: the smallest and largest label (exact, in y's own dtype), checking that every
+        sample is finite as float32 (what training sees); raises DataError naming the first bad row."""
+        low, high = None, None
+        step = max(1, chunk_bytes // max(1, self.x[0].nbytes))
+        for start in range(lo, hi, step):
+            stop = min(hi, start + step)
+            try:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    x = np.asarray(self.x[start:stop], dtype=np.float32).reshape(stop - start, -1)
+                y = np.asarray(self.y[start:stop])
+            except OSError as e:
+                raise DataError(f"--data {self.name}: reading rows failed: {e}") from None
+            finite = np.isfinite(x).all(axis=1)
+            if not finite.all():
+                row = start + int(np.flatnonzero(~finite)[0])
+                raise DataError(f"--data {self.name}: X row {row} holds NaN or Inf (or a value too large for "
+                                f"float32); every sample must be finite")
+            low = int(y.min()) if low is None else min(low, int(y.min()))
+            high = int(y.max()) if high is None else max(high, int(y.max()))
+        return (0, -1) if low is None or high is None else (low, high)
 
     def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows = np.asarray(rows, dtype=np.int64)
@@ -238,7 +266,7 @@ def _open_npy(path: str, key: str, folder: str) -> np.ndarray:
         raise DataError(f"--data {folder}: the folder has no {key}.npy")
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError) as e:
         raise DataError(f"--data {path}: not a readable .npy file ({e})") from None
 
 
@@ -260,20 +288,35 @@ def _open_npz_member(path: str, key: str) -> np.ndarray:
             if local[:4] != b"PK\x03\x04":
                 raise DataError(f"--data {path}: damaged zip entry for {key}")
             name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
-            f.seek(info.header_offset + 30 + name_len + extra_len)
+            start = info.header_offset + 30 + name_len + extra_len
+            f.seek(start)
             version = npformat.read_magic(f)
             if version == (1, 0):
                 shape, fortran, dtype = npformat.read_array_header_1_0(f)
             else:  # 2.0 and 3.0 share the layout this reader needs
                 shape, fortran, dtype = npformat.read_array_header_2_0(f)
             offset = f.tell()
+    except DataError:
+        raise
     except zipfile.BadZipFile as e:
         raise DataError(f"--data {path}: not a valid .npz file ({e})") from None
-    except ValueError as e:
+    except (ValueError, EOFError) as e:
         raise DataError(f"--data {path}: {key} is not a valid array ({e})") from None
+    except OSError as e:
+        raise DataError(f"--data {path}: cannot read {key} ({e.strerror or e})") from None
     if dtype.hasobject:
         raise DataError(f"--data {path}: {key} holds Python objects; only numeric arrays are supported")
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+    # A member shorter than its header says would map the bytes after it (the next member, the zip's
+    # directory) as data; numpy.load refuses such a file, and so do we.
+    needed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    stored = start + info.compress_size - offset
+    if needed > stored:
+        raise DataError(f"--data {path}: member {key}.npy is damaged: its header promises shape {shape} "
+                        f"({needed} bytes of {dtype}) but the member holds only {max(stored, 0)} bytes of data")
+    try:
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+    except (ValueError, OSError) as e:
+        raise DataError(f"--data {path}: cannot map {key} ({e})") from None
 
 
 def open_source(dataset: str, data_path: str | None = None, samples: int = 10000, features: int = 32,
