@@ -96,6 +96,7 @@ class Timeline:
         self._lock = threading.Lock()
         self._rows: dict[Any, int] = {}
         self._file = None
+        self.failed = False  # a write failed (full disk, ...): tracing stopped on this rank, the program goes on
         if not self.enabled:
             return
         self._wall0 = time.time_ns() / 1000.0
@@ -133,7 +134,22 @@ class Timeline:
 
     def _write(self, event: dict[str, Any]) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(event, separators=(",", ":"), default=str) + ",\n")
+            try:
+                self._file.write(json.dumps(event, separators=(",", ":"), default=str) + ",\n")
+            except OSError as e:
+                self._fail(e)
+
+    def _fail(self, error: OSError) -> None:
+        """A write failed: stop tracing on this rank and say so once; a trace must never end the program."""
+        f, self._file = self._file, None
+        self.enabled, self.failed = False, True
+        print(f"warning: timeline {self.file_path}: {error.strerror or error}; tracing stopped on rank "
+              f"{self.rank} (the program goes on)", file=sys.stderr, flush=True)
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
 
     def _event(self, ph: str, name: str, category: str, row: str | None, args: dict[str, Any],
                ts: float | None = None, **extra: Any) -> None:
@@ -185,22 +201,30 @@ class Timeline:
     def flush(self) -> None:
         with self._lock:
             if self._file is not None:
-                self._file.flush()
+                try:
+                    self._file.flush()
+                except OSError as e:
+                    self._fail(e)
 
     def close(self, comm: Any = None) -> str | None:
         """Finish this rank's file; returns the finished trace's path (on rank 0 when merging), else None.
 
         With an mpi4py communicator of more than one rank this is collective
         (every rank calls it, enabled or not): rank 0 writes the events of
-        every enabled rank to ``path`` and the per-rank files are removed.
-        Closing twice is harmless.
+        every enabled rank to ``path`` and the per-rank files are removed
+        (they are kept if the merged file cannot be written). Closing twice is
+        harmless. A failed write (a full disk) prints a warning and never
+        raises: a trace must not take a training run down.
         """
-        was_enabled = self.enabled
+        was_enabled = self.enabled or self.failed
         with self._lock:
             if self._file is not None:
-                self._file.write(json.dumps({"name": "trace_end", "ph": "i", "s": "p", "pid": self.rank,
-                                             "tid": 0, "ts": round(self.now_us(), 3)}) + "\n]\n")
-                self._file.close()
+                try:
+                    self._file.write(json.dumps({"name": "trace_end", "ph": "i", "s": "p", "pid": self.rank,
+                                                 "tid": 0, "ts": round(self.now_us(), 3)}) + "\n]\n")
+                    self._file.close()
+                except OSError as e:
+                    self._fail(e)
                 self._file = None
             self.enabled = False
         if comm is None or comm.Get_size() == 1:
@@ -208,18 +232,32 @@ class Timeline:
         merging = was_enabled and self.file_path != self.path
         payload = None
         if merging:
-            with open(self.file_path, encoding="utf-8") as f:
-                payload = (self.path, f.read())
+            try:
+                with open(self.file_path, encoding="utf-8") as f:
+                    payload = (self.path, f.read())
+            except (OSError, UnicodeDecodeError):
+                payload = None
         everyone = comm.gather(payload, root=0)
-        if merging:
-            os.remove(self.file_path)
-        if comm.Get_rank() != 0:
-            return None
-        parts = [p for p in everyone if p is not None]
-        if not parts:
-            return self.file_path if was_enabled else None
-        _write_merged(parts[0][0], [text for _, text in parts])
-        return parts[0][0]
+        merged = None
+        if comm.Get_rank() == 0:
+            parts = [p for p in everyone if p is not None]
+            if parts:
+                try:
+                    _write_merged(parts[0][0], [text for _, text in parts])
+                    merged = parts[0][0]
+                except OSError as e:
+                    print(f"warning: timeline {parts[0][0]}: cannot write the merged trace "
+                          f"({e.strerror or e}); each rank's trace is kept in its own file", file=sys.stderr,
+                          flush=True)
+            elif was_enabled:
+                merged = self.file_path
+        wrote = comm.bcast(merged is not None, root=0)
+        if merging and wrote:
+            try:
+                os.remove(self.file_path)
+            except OSError:
+                pass
+        return merged if comm.Get_rank() == 0 else None
 
     def __enter__(self) -> Timeline:
         return self
@@ -240,12 +278,20 @@ def _events(text: str) -> Iterator[str]:
 
 
 def _write_merged(out: str, texts: list[str]) -> None:
+    """Write ``out`` atomically (a temporary file renamed over it); on failure nothing is left behind."""
     tmp = f"{out}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("[\n")
-        f.write(",\n".join(line for text in texts for line in _events(text)))
-        f.write("\n]\n")
-    os.replace(tmp, out)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("[\n")
+            f.write(",\n".join(line for text in texts for line in _events(text)))
+            f.write("\n]\n")
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def merge(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]]) -> None:

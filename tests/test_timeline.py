@@ -126,3 +126,49 @@ def test_horovod_timeline_env_merges_every_rank_into_one_file(tmp_path):
     rows = {e["args"]["name"] for e in events if e["name"] == "thread_name"}
     assert {"allreduce.w0", "allreduce.w2", "engine", "MainThread"} <= rows
     assert sorted(os.listdir(tmp_path)) == ["trace.json"]  # the per-rank files were merged and removed
+
+
+class _Rank0Of2:
+    """Rank 0 of a two-rank communicator whose rank 1 records nothing."""
+
+    def Get_size(self):
+        return 2
+
+    def Get_rank(self):
+        return 0
+
+    def gather(self, value, root=0):
+        return [value, None]
+
+    def bcast(self, value, root=0):
+        return value
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_stops_tracing_with_a_warning(capsys):
+    tl = Timeline("/dev/full")  # every write fails with ENOSPC
+    for i in range(2000):  # more than the file's buffer holds
+        with tl.span("forward", "compute", step=i):
+            pass
+    tl.flush()
+    assert tl.close() == "/dev/full" and tl.failed and not tl.enabled
+    err = capsys.readouterr().err
+    assert err.count("warning: timeline /dev/full:") == 1 and "tracing stopped" in err
+
+
+def test_merge_failure_leaves_no_temporary_file(tmp_path):
+    (tmp_path / "a.json").write_text("[\n]\n")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OSError):
+        merge(tmp_path / "out", [tmp_path / "a.json"])
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "out"]
+
+
+def test_close_warns_and_keeps_rank_files_when_the_merged_trace_cannot_be_written(tmp_path, capsys):
+    (tmp_path / "trace").mkdir()  # the merged trace's path is a directory
+    tl = Timeline(tmp_path / "trace", rank=0, size=2)
+    tl.instant("x")
+    assert tl.close(_Rank0Of2()) is None
+    assert "cannot write the merged trace" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["trace", "trace.rank0.json"]
+    assert load(tmp_path / "trace.rank0.json")[-1]["name"] == "trace_end"
