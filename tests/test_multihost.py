@@ -1,7 +1,7 @@
 """Training across three "hosts" (network namespaces, real TCP between them), and a link cut mid-run.
 
 Needs root and iproute2 (CI has both). MPICH only: its Hydra launcher takes a stand-in for ssh
-(tests/nslaunch); see README, Failures, for Open MPI.
+(a stand-in for ssh written by mpiml.cluster); see README, Failures, for Open MPI.
 """
 
 import json

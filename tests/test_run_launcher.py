@@ -1,7 +1,6 @@
 """python -m mpiml.run: horovodrun's flags translated for MPICH's Hydra and for Open MPI, and real launches."""
 
 import os
-import re
 import stat
 import subprocess
 import sys
@@ -132,11 +131,15 @@ def test_dry_run_prints_the_command(tmp_path, capsys):
     assert f"mpiml.run: {mpiexec} -n 3 {sys.executable} script.py 'a b'" in capsys.readouterr().err
 
 
+# Each rank writes its own file: the ranks' stdout lines reach the launcher through one pipe and may
+# interleave mid-line ("... arg xyzrank 1 ..."), so a test must never parse several ranks' stdout.
 SCRIPT = """
 import os, sys
 import mpiml.torch as hvd
 hvd.init()
-print(f"rank {hvd.rank()} of {hvd.size()} fusion {os.environ.get('HOROVOD_FUSION_THRESHOLD')} arg {sys.argv[1]}")
+line = f"rank {hvd.rank()} of {hvd.size()} fusion {os.environ.get('HOROVOD_FUSION_THRESHOLD')} arg {sys.argv[1]}"
+with open(os.path.join(sys.argv[2], f"rank{hvd.rank()}.txt"), "w") as f:
+    f.write(line)
 """
 
 
@@ -145,15 +148,19 @@ def launch(python, extra, tmp_path):
     script.write_text(SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([python, "-m", "mpiml.run", "-np", "2", "--verbose", "--fusion-threshold-mb", "1",
-                           *extra, str(script), "xyz"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           *extra, str(script), "xyz", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
+
+
+def ranks_lines(tmp_path):
+    return [(tmp_path / f"rank{r}.txt").read_text() if (tmp_path / f"rank{r}.txt").exists() else None
+            for r in range(2)]
 
 
 def test_launches_a_job_with_mpich(tmp_path):
     out = launch(sys.executable, [], tmp_path)
     assert out.returncode == 0, out.stderr
-    assert sorted(re.findall(r"rank \d of \d fusion \d+ arg \w+", out.stdout)) == [
-        "rank 0 of 2 fusion 1048576 arg xyz", "rank 1 of 2 fusion 1048576 arg xyz"]
+    assert ranks_lines(tmp_path) == ["rank 0 of 2 fusion 1048576 arg xyz", "rank 1 of 2 fusion 1048576 arg xyz"]
     assert "mpiml.run: " in out.stderr and "-genv HOROVOD_FUSION_THRESHOLD 1048576" in out.stderr
 
 
@@ -161,8 +168,7 @@ def test_launches_a_job_with_mpich(tmp_path):
 def test_launches_a_job_with_open_mpi(tmp_path):
     out = launch(OPENMPI_PYTHON, ["--oversubscribe"], tmp_path)
     assert out.returncode == 0, out.stderr
-    assert sorted(re.findall(r"rank \d of \d fusion \d+ arg \w+", out.stdout)) == [
-        "rank 0 of 2 fusion 1048576 arg xyz", "rank 1 of 2 fusion 1048576 arg xyz"]
+    assert ranks_lines(tmp_path) == ["rank 0 of 2 fusion 1048576 arg xyz", "rank 1 of 2 fusion 1048576 arg xyz"]
     assert "--bind-to none" in out.stderr and "-x HOROVOD_FUSION_THRESHOLD" in out.stderr
 
 
