@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "build_model", "ModelError"]
+__all__ = ["MODELS", "build_model", "parameter_count", "ModelError"]
 
 MODELS = ("logreg", "mlp", "cnn")
 
@@ -73,4 +73,19 @@ def build_model(name: str, sample_shape: tuple[int, ...], classes: int, hidden: 
         return nn.Sequential(*layers, nn.Linear(width, classes))
     if name == "cnn":
         return SmallCNN(_image_shape(sample_shape), classes)
+    raise ModelError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+
+
+def parameter_count(name: str, sample_shape: tuple[int, ...], classes: int, hidden: tuple[int, ...] = (128,)) -> int:
+    """How many parameters ``build_model`` would allocate (exact), computed without allocating them, so that
+    a model too large for memory is refused before torch tries."""
+    features = math.prod(sample_shape)
+    if name == "logreg":
+        return features * classes + classes
+    if name == "mlp":
+        widths = [features, *hidden, classes]
+        return sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+    if name == "cnn":
+        c, h, w = _image_shape(sample_shape)
+        return (c * 16 * 9 + 16) + (16 * 32 * 9 + 32) + (32 * (h // 2) * (w // 2) * 64 + 64) + (64 * classes + classes)
     raise ModelError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")

@@ -32,13 +32,13 @@ import torch.nn.functional as F
 from mpi4py import MPI
 
 from . import checkpoint, mixing, traffic, watchdog
-from .data import DataError, ShardedData, batch_indices, block, open_source
+from .data import ArraySource, DataError, ShardedData, batch_indices, block, open_source
 from .metrics import MetricsLog, Stopwatch
-from .models import MODELS, ModelError, build_model
+from .models import MODELS, ModelError, build_model, parameter_count
 from .optimizer import DEFAULT_BUCKET_BYTES, EXACT_TOPOLOGIES, TOPOLOGIES, DistributedOptimizer
 from .params import broadcast_parameters, parameters_sha256
-from .runtime import UserError, abort_on_exception, agree
-from .timeline import Timeline
+from .runtime import UserError, abort_on_exception, agree, local_size
+from .timeline import Timeline, rank_path
 
 __all__ = ["Config", "parse_args", "main", "run"]
 
@@ -72,6 +72,7 @@ class Config:
     checkpoint_every: int = 0
     keep_checkpoints: int = 0
     resume: bool = False
+    restart_if_damaged: bool = False
     threads: int = 1
     progress: bool = True
     overlap: bool | None = None
@@ -93,8 +94,12 @@ class Config:
         except ValueError:
             raise UserError(f"--hidden must be comma-separated integers, got {self.hidden!r}") from None
 
-    def validate(self) -> None:
+    def validate(self, ranks: int | None = None) -> None:
+        """Check the options on their own (and against the job's ``ranks``); the same outcome on every rank."""
         checks = [
+            (0 <= self.seed < 2 ** 64, f"--seed must be an integer from 0 to {2 ** 64 - 1}, got {self.seed}"),
+            (self.data is None or self.data.strip() != "", "--data needs a path (it was given an empty one)"),
+            (self.resume or not self.restart_if_damaged, "--restart-if-damaged only applies with --resume"),
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
@@ -115,9 +120,13 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
-        self.hidden_sizes()
-        self.parsed_fault()
-        self.parsed_straggler()
+        if not self.hidden_sizes() and self.model == "mlp":
+            raise UserError("--hidden needs at least one layer size for --model mlp "
+                            "(for a model without hidden layers use --model logreg)")
+        fault, straggler = self.parsed_fault(), self.parsed_straggler()
+        for flag, rank in (("--fault", fault and fault[1]), ("--straggler", straggler and straggler[0])):
+            if rank is not None and ranks is not None and rank >= ranks:
+                raise UserError(f"{flag}: there is no rank {rank} in a job of {ranks} rank{'s' if ranks > 1 else ''}")
         if self.average_every < 0:
             raise UserError(f"--average-every must be >= 0, got {self.average_every}")
         self.parsed_staleness()
@@ -137,8 +146,8 @@ class Config:
             parsed = int(rank), float(factor)
         except ValueError:
             parsed = (-1, 0.0)
-        if parsed[0] < 0 or parsed[1] < 1:
-            raise UserError(f"--straggler must be RANK:FACTOR with FACTOR >= 1, got {self.straggler!r}")
+        if parsed[0] < 0 or not (1 <= parsed[1] < math.inf):
+            raise UserError(f"--straggler must be RANK:FACTOR with FACTOR >= 1 (and finite), got {self.straggler!r}")
         return parsed
 
     def parsed_staleness(self) -> int | None:
@@ -160,8 +169,9 @@ class Config:
         if not self.fault:
             return None
         parts = self.fault.split(":")
-        if len(parts) != 3 or parts[0] not in FAULTS or not all(p.lstrip("-").isdigit() for p in parts[1:]):
-            raise UserError(f"--fault must be KIND:RANK:STEP with KIND one of {', '.join(FAULTS)}, got {self.fault!r}")
+        if len(parts) != 3 or parts[0] not in FAULTS or not all(p.isdigit() for p in parts[1:]):
+            raise UserError(f"--fault must be KIND:RANK:STEP with KIND one of {', '.join(FAULTS)} and RANK, STEP "
+                            f"non-negative integers, got {self.fault!r}")
         return parts[0], int(parts[1]), int(parts[2])
 
 
@@ -214,6 +224,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, metavar="N",
                    help="keep only the newest N checkpoints (0: keep all)")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
+    p.add_argument("--restart-if-damaged", action="store_true",
+                   help="with --resume: if every checkpoint is damaged, start over instead of refusing (the "
+                        "damaged files are kept, renamed *.damaged)")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads per rank (default %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--overlap", dest="overlap", action="store_true", default=None,
@@ -254,30 +267,39 @@ def parse_args(argv: list[str] | None = None) -> Config:
 # ---------------------------------------------------------------- setup
 
 
-def _open_data(cfg: Config, comm: MPI.Comm) -> tuple[ShardedData, tuple[np.ndarray, np.ndarray], int]:
-    """This rank's shard and test rows, and the number of classes, agreed by all ranks."""
+def _open_data(cfg: Config, comm: MPI.Comm) -> tuple[ShardedData, tuple[np.ndarray, np.ndarray], int, str]:
+    """This rank's shard and test rows, the number of classes and where it comes from, agreed by all ranks.
+
+    A ``--data`` file is checked before training: every sample finite (a rank scans its own block, so
+    the whole file is covered once) and the exact range of the labels."""
     k, r = comm.Get_size(), comm.Get_rank()
+    ranks_here = local_size()
 
     def local() -> tuple[ShardedData, tuple[np.ndarray, np.ndarray], int, int]:
         try:
             classes = cfg.classes if cfg.classes is not None else 10
+            if cfg.data is None and cfg.dataset == "synthetic":  # its class centres, drawn as float64
+                _check_memory(12 * classes * max(cfg.features, 0), ranks_here,
+                              f"--dataset synthetic with --classes {classes} and --features {cfg.features}")
             source = open_source(cfg.dataset, cfg.data, cfg.samples, cfg.features, classes, cfg.seed,
                                  cfg.separation)
             shard = ShardedData(source, r, k, cfg.seed, cfg.test_fraction, cfg.shuffle)
+            low, high = source.scan(*block(source.n, k, r)) if isinstance(source, ArraySource) else (0, -1)
             test = shard.test_set()
-            lo, hi = block(source.n, k, r)
-            labels = source.read(np.arange(lo, hi))[1] if source.num_classes is None else np.zeros(0, np.int64)
         except DataError as e:
             raise UserError(str(e)) from None
-        low = int(labels.min()) if labels.size else 0
-        high = int(labels.max()) if labels.size else -1
         return shard, test, low, high
 
     shard, test, low, high = agree(comm, local)
     low, high = comm.allreduce(low, op=MPI.MIN), comm.allreduce(high, op=MPI.MAX)
     train_rows = comm.allgather(len(shard.own_train_rows))
+    test_rows = comm.allreduce(len(shard.test_rows))
     source = shard.source
+    described = ""
     if source.num_classes is not None:
+        if cfg.classes is not None and cfg.classes != source.num_classes:
+            raise UserError(f"--classes {cfg.classes}: the {source.name} data set has {source.num_classes} classes "
+                            f"(--classes is for --dataset synthetic and --data)")
         classes = source.num_classes
     else:
         if low < 0:
@@ -287,11 +309,69 @@ def _open_data(cfg: Config, comm: MPI.Comm) -> tuple[ShardedData, tuple[np.ndarr
             raise UserError(f"--data {cfg.data}: label {high} is out of range for --classes {classes}")
         if classes < 2:
             raise UserError(f"--data {cfg.data}: need at least 2 classes, the labels only reach {high}")
+        described = "" if cfg.classes is not None else f", from the largest label, {high}"
     if min(train_rows) == 0:
         empty = [i for i, n in enumerate(train_rows) if n == 0]
         raise UserError(f"{k} ranks but only {sum(train_rows)} training rows: rank {empty[0]} would get none "
                         f"(use fewer ranks or more data)")
-    return shard, test, classes
+    if test_rows == 0:
+        raise UserError(f"no test rows: with --test-fraction {cfg.test_fraction}, none of the {source.n} rows "
+                        f"is a test row (raise --test-fraction or use more data)")
+    if cfg.batch_size > min(train_rows):
+        fewest = train_rows.index(min(train_rows))
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {min(train_rows)} training rows of "
+                        f"rank {fewest}{'' if k == 1 else f' (of {k})'}: use --batch-size {min(train_rows)} or less")
+    return shard, test, classes, f"{classes} classes{described}"
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory this host (or this container's memory limit) can still give, None where unknown."""
+    sizes = []
+    try:
+        with open("/proc/meminfo") as f:
+            sizes += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                sizes.append(int(limit) - int(f.read().strip()))
+    except (OSError, ValueError):
+        pass
+    return min(sizes) if sizes else None
+
+
+def _check_memory(need: int, ranks_here: int, what: str) -> None:
+    """Refuse up front (UserError) what cannot fit: ``need`` bytes per rank, ``ranks_here`` ranks on this host."""
+    available = _available_memory()
+    if available is not None and need * ranks_here > available:
+        share = available // ranks_here
+        raise UserError(f"{what} needs about {_bytes(need)} of memory per rank, more than the {_bytes(share)} "
+                        f"this host has available for each of its {ranks_here} rank{'s' if ranks_here > 1 else ''}")
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _check_model_fits(cfg: Config, sample_shape: tuple[int, ...], classes: int, described: str, rows: int,
+                      ranks_here: int) -> None:
+    """The model, its gradients, optimizer state, activations and this rank's rows must fit in memory."""
+    features = math.prod(sample_shape)
+    hidden = cfg.hidden_sizes() if cfg.model == "mlp" else ()
+    params = parameter_count(cfg.model, sample_shape, classes, hidden)
+    copies = 4 + (2 if cfg.optimizer == "adam" else 1 if cfg.momentum > 0 else 0)
+    widths = features * 57 + 64 + classes if cfg.model == "cnn" else features + sum(hidden) + classes
+    need = 4 * (params * copies + 3 * cfg.batch_size * widths + 2 * rows * features)
+    layers = f", --hidden {cfg.hidden}" if cfg.model == "mlp" else ""
+    _check_memory(need, ranks_here, f"the model (--model {cfg.model}{layers}; {features} features, {described}) "
+                                    f"has {params:,} parameters; with gradients, optimizer state and data it")
 
 
 def _make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -381,35 +461,73 @@ def _save(cfg: Config, comm: MPI.Comm, dopt: DistributedOptimizer, fingerprint: 
         raise UserError(error)
 
 
+def _prepare_checkpoint_dir(cfg: Config, comm: MPI.Comm) -> None:
+    """Rank 0 writes the checkpoints: before any training it makes sure it can, and deletes the temporary
+    files a killed earlier writer left behind."""
+    problem = None
+    if comm.Get_rank() == 0:
+        try:
+            checkpoint.check_directory(cfg.checkpoint_dir)
+            for path in checkpoint.remove_stale_temporaries(cfg.checkpoint_dir):
+                print(f"note: removed {path}, a checkpoint that an earlier run never finished writing",
+                      file=sys.stderr, flush=True)
+        except checkpoint.CheckpointError as e:
+            problem = str(e)
+    problem = comm.bcast(problem, root=0)
+    if problem:
+        raise UserError(problem)
+
+
+def _find_checkpoint(cfg: Config, fingerprint: dict[str, Any], k: int) -> tuple[str, Any, Any]:
+    """Rank 0: ("ok", path, payload) of the newest usable checkpoint ((None, None) for none), or ("error",
+    message, None). Damaged ones are renamed *.damaged (never overwritten); if every one is damaged the run
+    is refused unless --restart-if-damaged."""
+    directory = cfg.checkpoint_dir
+    path, payload, damaged = checkpoint.newest_good(directory, checkpoint.check_trainer_payload)
+    if payload is None and damaged and not cfg.restart_if_damaged:
+        return ("error", f"--resume: every checkpoint in {directory} is damaged: "
+                         f"{'; '.join(why for _, why in damaged)}. Nothing was changed; to start over, add "
+                         f"--restart-if-damaged (the damaged files are then kept, renamed *.damaged)", None)
+    problem = _incompatible(cfg, payload, fingerprint, k) if payload is not None else None
+    if problem:
+        return ("error", f"cannot resume from {path}: {problem}", None)
+    for bad, why in damaged:
+        try:
+            kept = f"kept as {checkpoint.set_aside(bad)}"
+        except OSError as e:
+            kept = f"could not rename it ({e.strerror or e})"
+        print(f"warning: {why}; skipped, {kept}", file=sys.stderr, flush=True)
+    if payload is None:
+        print(f"no {'usable ' if damaged else ''}checkpoint in {directory}; starting from scratch", flush=True)
+    return ("ok", path, payload)
+
+
 def _resume(cfg: Config, comm: MPI.Comm, dopt: DistributedOptimizer, fingerprint: dict[str, Any]) -> _Position:
     """Load the newest good checkpoint (rank 0 reads, everyone receives) and restore this rank from it."""
     k, r = comm.Get_size(), comm.Get_rank()
-    found: Any = None
-    if r == 0:
-        try:
-            path, payload, warnings = checkpoint.load_latest(cfg.checkpoint_dir)
-            for w in warnings:
-                print(f"warning: {w}", file=sys.stderr, flush=True)
-            found = ("ok", path, payload, _incompatible(cfg, payload, fingerprint, k) if payload else None)
-        except checkpoint.CheckpointError as e:
-            found = ("error", str(e), None, None)
-    status, path, payload, problem = comm.bcast(found, root=0)
+    found = _find_checkpoint(cfg, fingerprint, k) if r == 0 else None
+    status, path, payload = comm.bcast(found, root=0)
     if status == "error":
         raise UserError(path)
     if payload is None:
-        if r == 0:
-            print(f"no checkpoint in {cfg.checkpoint_dir}; starting from scratch", flush=True)
         return _Position()
-    if problem:
-        raise UserError(f"cannot resume from {path}: {problem}")
     params = payload["replicas"][r] if payload["replicas"] is not None else payload["params"]
     state = payload["replica_optimizers"][r] if payload["replica_optimizers"] is not None else payload["optimizer"]
-    with torch.no_grad():
-        for buf, saved in zip(dopt.parameter_buffers, params):
-            buf.copy_(saved)
-    dopt.load_state_dict(state)
+
+    def restore() -> None:
+        try:
+            if [(b.shape, b.dtype) for b in dopt.parameter_buffers] != [(t.shape, t.dtype) for t in params]:
+                raise ValueError("its parameter buffers do not match this model's")
+            with torch.no_grad():
+                for buf, saved in zip(dopt.parameter_buffers, params):
+                    buf.copy_(saved)
+            dopt.load_state_dict(state)
+            torch.set_rng_state(payload["torch_rng"])
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            raise UserError(f"cannot resume from {path}: {e}") from None
+
+    agree(comm, restore)
     dopt.step_count = payload["mixing_step"]
-    torch.set_rng_state(payload["torch_rng"])
     pos = _Position(payload["epoch"], payload["step_in_epoch"], payload["global_step"])
     sums = payload["loss_sums"]
     if payload["ranks"] == k:
@@ -417,7 +535,10 @@ def _resume(cfg: Config, comm: MPI.Comm, dopt: DistributedOptimizer, fingerprint
     else:  # exact topologies only: the same position in samples seen, new shards and order (see README)
         pos.step_in_epoch = pos.step_in_epoch * payload["ranks"] // k
         pos.loss_sum = sum(sums) / k
-    if r == 0:
+    if r == 0 and pos.epoch >= cfg.epochs:
+        print(f"resumed from {path}: it has finished {pos.epoch} epochs (--epochs {cfg.epochs}), so there is "
+              f"nothing to train; evaluating it", flush=True)
+    elif r == 0:
         print(f"resumed from {path} (epoch {pos.epoch + 1}, step {pos.global_step})", flush=True)
     return pos
 
@@ -445,12 +566,21 @@ def _incompatible(cfg: Config, payload: dict[str, Any], fingerprint: dict[str, A
 
 
 def run(cfg: Config) -> int:
-    cfg.validate()
+    comm = MPI.COMM_WORLD
+    cfg.validate(comm.Get_size())
+    agree(comm, lambda: _check_host(cfg))
     dog = watchdog.install(watchdog.Watchdog(MPI.COMM_WORLD, cfg.stall_warning, cfg.timeout))
     try:
         return _train(cfg, dog)
     finally:
         watchdog.uninstall()
+
+
+def _check_host(cfg: Config) -> None:
+    """Limits of the host this rank runs on (each rank checks its own; ``run`` agrees on the outcome)."""
+    cpus = os.cpu_count() or 1
+    if cfg.threads > cpus:
+        raise UserError(f"--threads {cfg.threads}: this host has {cpus} CPUs; use at most {cpus}")
 
 
 @dataclass
@@ -499,11 +629,20 @@ def _setup(cfg: Config, dog: watchdog.Watchdog) -> _Run:
     comm = MPI.COMM_WORLD
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    shard, test, classes = _open_data(cfg, comm)
+    if cfg.checkpoint_dir:
+        _prepare_checkpoint_dir(cfg, comm)
+    shard, test, classes, described = _open_data(cfg, comm)
     sample_shape = shard.source.sample_shape
+    with watchdog.watch("steps per epoch"):
+        steps0 = comm.allreduce(math.ceil(len(shard.own_train_rows) / cfg.batch_size), op=MPI.MAX)
+    fault = cfg.parsed_fault()
+    if fault is not None and fault[2] >= cfg.epochs * steps0:
+        raise UserError(f"--fault {cfg.fault}: step {fault[2]} is past the run's last step, "
+                        f"{cfg.epochs * steps0 - 1} ({cfg.epochs} epochs of {steps0} steps)")
 
     def make() -> torch.nn.Module:
         try:
+            _check_model_fits(cfg, sample_shape, classes, described, len(shard.own_train_rows), local_size())
             return build_model(cfg.model, sample_shape, classes, cfg.hidden_sizes())
         except ModelError as e:
             raise UserError(str(e)) from None
@@ -522,8 +661,6 @@ def _setup(cfg: Config, dog: watchdog.Watchdog) -> _Run:
         print(f"mpiml.train: {k} rank{'s' if k > 1 else ''}, topology {cfg.topology}, model {cfg.model}, "
               f"data {shard.source.name} ({shard.source.n} rows, {classes} classes), "
               f"batch {cfg.batch_size} per rank", flush=True)
-    with watchdog.watch("steps per epoch"):
-        steps0 = comm.allreduce(math.ceil(len(shard.own_train_rows) / cfg.batch_size), op=MPI.MAX)
     return _Run(cfg, comm, shard, test, model, dopt, fingerprint, log, dog, pos, steps0, fault=cfg.parsed_fault(),
                 straggler=cfg.parsed_straggler())
 
@@ -628,6 +765,8 @@ def _finish(run: _Run, started: float) -> None:
         if cfg.topology != "ps":  # the reported model is the replicas' average (the servers' for ps)
             mixing.average_replicas(dopt.parameter_buffers, comm)
         run.accuracy = _evaluate(run.model, run.test, comm)
+    elif run.pos.epoch >= cfg.epochs:  # resumed a finished run: no epoch ran, so evaluate the model it holds
+        run.accuracy = _evaluate(run.model, run.test, comm)
     digests = comm.allgather(parameters_sha256(dopt.parameter_buffers))
     final = {"final": True, "test_accuracy": run.accuracy, "params_sha256": digests[0],
              "ranks_consistent": all(d == digests[0] for d in digests), "ranks": comm.Get_size(),
@@ -644,7 +783,7 @@ def _train(cfg: Config, dog: watchdog.Watchdog) -> int:
     run = _setup(cfg, dog)
     run.started = started
     if cfg.timeline:
-        run.timeline = Timeline(cfg.timeline, rank=run.comm.Get_rank(), size=run.comm.Get_size())
+        run.timeline = _open_timeline(cfg.timeline, run.comm)
         run.dopt.timeline = run.timeline
     for epoch in range(run.pos.epoch, cfg.epochs):
         _train_epoch(run, epoch)
@@ -652,6 +791,35 @@ def _train(cfg: Config, dog: watchdog.Watchdog) -> int:
         _finish(run, started)
     run.timeline.close(run.comm)
     return 0
+
+
+def _open_timeline(path: str, comm: MPI.Comm) -> Timeline:
+    """``--timeline PATH``, checked on every rank before training: a directory, or a file that cannot be
+    created, is a UserError (and no rank keeps a file). Later write failures only warn (see Timeline)."""
+    k, r = comm.Get_size(), comm.Get_rank()
+    opened: list[Timeline] = []
+
+    def open_here() -> Timeline:
+        if r == 0 and os.path.isdir(path):
+            raise UserError(f"--timeline {path} is a directory; give a file name, e.g. "
+                            f"{os.path.join(path, 'trace.json')}")
+        mine = rank_path(path, r, k)
+        try:
+            opened.append(Timeline(path, rank=r, size=k))
+        except OSError as e:
+            raise UserError(f"--timeline {path}: cannot write {e.filename or mine} ({e.strerror or e})") from None
+        return opened[0]
+
+    try:
+        return agree(comm, open_here)
+    except UserError:
+        for tl in opened:
+            tl.close()
+            try:
+                os.remove(tl.file_path)
+            except OSError:
+                pass
+        raise
 
 
 def _progress(cfg: Config, master: bool, total: int, done: int, desc: str) -> Any:
