@@ -13,16 +13,20 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
+import math
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "save", "load", "checkpoints", "load_latest"]
+__all__ = ["CheckpointError", "save", "load", "checkpoints", "load_latest", "newest_good", "set_aside",
+           "check_directory", "remove_stale_temporaries", "check_trainer_payload"]
 
 MAGIC = b"MPIMLCKPT1\n"
 _NAME = re.compile(r"^checkpoint-(\d{9})\.pt$")
+_TEMPORARY = re.compile(r"^\.checkpoint-\d{9}\.pt\.tmp-(\d+)$")
 
 
 class CheckpointError(ValueError):
@@ -104,12 +108,152 @@ def checkpoints(directory: str) -> list[str]:
     return sorted(found, reverse=True)
 
 
-def load_latest(directory: str) -> tuple[str | None, dict[str, Any] | None, list[str]]:
-    """The newest checkpoint that verifies: (path, payload, warnings about newer ones that did not)."""
-    warnings = []
+def newest_good(directory: str, check: Callable[[dict[str, Any]], None] | None = None
+                ) -> tuple[str | None, dict[str, Any] | None, list[tuple[str, str]]]:
+    """The newest checkpoint that verifies and passes ``check`` (which raises CheckpointError for a payload
+    it cannot use): (path, payload, [(path, why) for each newer one that did not]); (None, None, [...]) if
+    none did."""
+    damaged = []
     for path in checkpoints(directory):
         try:
-            return path, load(path), warnings
+            payload = load(path)
         except CheckpointError as e:
-            warnings.append(f"{e}; falling back to an older checkpoint")
-    return None, None, warnings
+            damaged.append((path, str(e)))
+            continue
+        try:
+            if check is not None:
+                check(payload)
+        except CheckpointError as e:
+            damaged.append((path, f"{path} is not usable ({e})"))
+            continue
+        return path, payload, damaged
+    return None, None, damaged
+
+
+def check_trainer_payload(payload: Any) -> None:
+    """Raise CheckpointError unless ``payload`` has the shape of ``python -m mpiml.train``'s checkpoints
+    (format 1): every key, positions that are non-negative integers, one parameter list per replica that
+    matches the fingerprint's shapes, optimizer state dicts, and a torch RNG state torch accepts."""
+    if not isinstance(payload, dict):
+        raise CheckpointError("the payload is not a dict")
+    if payload.get("format") != 1:
+        raise CheckpointError(f"unknown checkpoint format {payload.get('format')!r}")
+    missing = [k for k in _TRAINER_KEYS if k not in payload]
+    if missing:
+        raise CheckpointError(f"it has no {', '.join(repr(k) for k in missing)}")
+    for key in ("ranks", "epoch", "step_in_epoch", "global_step", "mixing_step"):
+        value = payload[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "ranks" else 0):
+            raise CheckpointError(f"its {key!r} is {value!r}, not a {'positive' if key == 'ranks' else 'non-negative'}"
+                                  f" integer")
+    ranks, fingerprint = payload["ranks"], payload["fingerprint"]
+    sums = payload["loss_sums"]
+    if not (isinstance(sums, list) and len(sums) == ranks and all(isinstance(v, (int, float)) for v in sums)):
+        raise CheckpointError(f"its 'loss_sums' is not a list of {ranks} numbers")
+    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("shapes"), list):
+        raise CheckpointError("its fingerprint has no parameter shapes")
+    try:
+        numel = sum(math.prod(int(n) for n in shape) for shape in fingerprint["shapes"])
+    except (TypeError, ValueError):
+        numel = 0
+    if numel <= 0:
+        raise CheckpointError("its fingerprint lists no parameters")
+    replicas = [payload["params"]] if payload["replicas"] is None else payload["replicas"]
+    states = [payload["optimizer"]] if payload["replicas"] is None else payload["replica_optimizers"]
+    if payload["replicas"] is not None and (not isinstance(replicas, list) or len(replicas) != ranks):
+        raise CheckpointError(f"it should hold {ranks} replicas")
+    for params in replicas:  # flat buffers, one per dtype, holding every parameter of the model
+        if not (isinstance(params, list) and params
+                and all(isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 1 for t in params)
+                and sum(t.numel() for t in params) == numel):
+            raise CheckpointError(f"its parameters are not the {numel} values its model has")
+    if not (isinstance(states, list) and len(states) == len(replicas)
+            and all(isinstance(st, dict) and {"state", "param_groups"} <= set(st) for st in states)):
+        raise CheckpointError("its optimizer state is missing or malformed")
+    rng, before = payload["torch_rng"], torch.get_rng_state()
+    try:
+        torch.set_rng_state(rng)
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"its random number generator state is not valid ({e})") from None
+    finally:
+        torch.set_rng_state(before)
+
+
+_TRAINER_KEYS = ("fingerprint", "config", "ranks", "topology", "epoch", "step_in_epoch", "global_step",
+                 "mixing_step", "loss_sums", "params", "optimizer", "replicas", "replica_optimizers", "torch_rng")
+
+
+def load_latest(directory: str) -> tuple[str | None, dict[str, Any] | None, list[str]]:
+    """The newest checkpoint that verifies: (path, payload, warnings about newer ones that did not)."""
+    path, payload, damaged = newest_good(directory)
+    return path, payload, [f"{why}; falling back to an older checkpoint" for _, why in damaged]
+
+
+def set_aside(path: str) -> str:
+    """Rename a damaged checkpoint to ``<path>.damaged`` (``.damaged.1``, ... if taken), so that it is
+    neither read again nor overwritten by a new checkpoint of the same step; returns the new name."""
+    target, n = f"{path}.damaged", 0
+    while os.path.lexists(target):
+        n += 1
+        target = f"{path}.damaged.{n}"
+    os.rename(path, target)
+    return target
+
+
+def check_directory(directory: str) -> None:
+    """Make sure checkpoints can be written to ``directory`` (creating it if needed); raises CheckpointError
+    saying what is in the way: a file, a file above it, no permission, a read-only file system."""
+    head = os.path.abspath(directory)
+    while not os.path.lexists(head) and os.path.dirname(head) != head:
+        head = os.path.dirname(head)
+    if os.path.lexists(head) and not os.path.isdir(head):
+        where = "is a file" if head == os.path.abspath(directory) else f"is under {head}, which is a file"
+        raise CheckpointError(f"--checkpoint-dir {directory} {where}, not a directory")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".checkpoint-probe-{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise CheckpointError(f"--checkpoint-dir {directory}: cannot write there ({e.strerror or e})") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise CheckpointError(f"--checkpoint-dir {directory}: cannot write there (permission denied)")
+
+
+def remove_stale_temporaries(directory: str) -> list[str]:
+    """Delete the ``.checkpoint-*.pt.tmp-PID`` files that a writer killed mid-write left in ``directory``.
+
+    Call it before this process writes any checkpoint: a temporary file is stale when its PID is no running
+    process or is this process itself (an earlier process that had the same PID). Files of a live process
+    are kept: another job may be writing there. Returns the removed paths."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        match = _TEMPORARY.match(name)
+        if not match:
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and _alive(pid):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+            removed.append(os.path.join(directory, name))
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # no such process; a PID no process can have
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
