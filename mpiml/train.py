@@ -804,6 +804,11 @@ def _open_timeline(path: str, comm: MPI.Comm) -> Timeline:
             raise UserError(f"--timeline {path} is a directory; give a file name, e.g. "
                             f"{os.path.join(path, 'trace.json')}")
         mine = rank_path(path, r, k)
+        above = os.path.dirname(os.path.abspath(mine))
+        while not os.path.lexists(above) and os.path.dirname(above) != above:
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            raise UserError(f"--timeline {path}: {above} is a file, not a directory")
         try:
             opened.append(Timeline(path, rank=r, size=k))
         except OSError as e:

@@ -1,6 +1,8 @@
 """Bad options and bad data refused up front by ``mpiml.train.run`` (in this process, one rank), with one clear
 message (``UserError``: ``error:`` and exit status 2 from the command line), before any training starts."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -101,3 +103,24 @@ def test_good_data_file_still_trains(tmp_path):
     path = save_data(tmp_path, features(), (np.arange(60) % 3).astype(np.uint64))
     assert run(Config(progress=False, epochs=1, data=path, batch_size=8)) == 0
 
+
+
+@pytest.mark.parametrize("where, message", [
+    ("dir", r"--timeline {tmp} is a directory; give a file name, e.g. {tmp}/trace.json"),
+    ("under a file", r"--timeline {tmp}/f/trace.json: {tmp}/f is a file, not a directory"),
+])
+def test_timeline_path_is_checked_before_training(tmp_path, capsys, where, message):
+    (tmp_path / "f").write_text("")
+    path = str(tmp_path) if where == "dir" else str(tmp_path / "f" / "trace.json")
+    with pytest.raises(UserError, match=message.format(tmp=tmp_path)):
+        run(Config(progress=False, epochs=1, timeline=path))
+    assert "epoch" not in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["f"]  # nothing left behind
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_timeline_on_a_full_disk_only_warns(capfd):
+    assert run(Config(progress=False, epochs=1, timeline="/dev/full")) == 0
+    captured = capfd.readouterr()
+    assert "final: test accuracy" in captured.out
+    assert captured.err.count("warning: timeline /dev/full:") == 1
