@@ -34,6 +34,7 @@ message: mpiml launches static MPI jobs only.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import shlex
@@ -44,7 +45,8 @@ import sys
 import tempfile
 from typing import NamedTuple
 
-__all__ = ["main", "parse_args", "detect_flavor", "build_command", "parse_hosts", "read_hostfile", "LaunchError"]
+__all__ = ["main", "parse_args", "detect_flavor", "build_command", "parse_hosts", "read_hostfile", "LaunchError",
+           "NUMBER_SETTINGS", "setting_value", "check_algorithm", "check_settings"]
 
 _FORWARDED = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "OMP_NUM_THREADS")
 _ELASTIC = "elastic training is not supported by mpiml.run (it needs Horovod's elastic driver)"
@@ -60,6 +62,51 @@ _UNSUPPORTED = {
 
 class LaunchError(Exception):
     """A problem with the command line or the MPI installation; printed as ``mpiml.run: error: ...``."""
+
+
+# The numeric HOROVOD_* settings the ranks read at hvd.init(): (type, largest value, unit). The launcher
+# checks them before starting any rank, and mpiml.torch checks them again (for jobs started by mpiexec).
+NUMBER_SETTINGS: dict[str, tuple[type, float | None, str]] = {
+    "HOROVOD_FUSION_THRESHOLD": (int, None, "bytes"),
+    "HOROVOD_CYCLE_TIME": (float, 60_000.0, "milliseconds"),
+    "HOROVOD_STALL_CHECK_TIME_SECONDS": (float, None, "seconds"),
+    "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": (float, None, "seconds"),
+}
+
+
+def setting_value(name: str, text: str) -> float | int:
+    """The value of one ``NUMBER_SETTINGS`` variable; ValueError naming it for anything but a finite number >= 0."""
+    kind, most, unit = NUMBER_SETTINGS[name]
+    try:
+        value = kind(text.strip())
+    except ValueError:
+        whole = "a whole number" if kind is int else "a number"
+        raise ValueError(f"{name}={text!r} is not {whole} of {unit}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}={text!r}: expected a finite number of {unit}, at least 0")
+    if most is not None and value > most:
+        raise ValueError(f"{name}={text!r}: at most {most:g} {unit}")
+    return value
+
+
+def check_algorithm(name: str) -> None:
+    """ValueError unless ``name`` is one of ``mpiml.collectives.ALGORITHMS``."""
+    from .collectives import ALGORITHMS
+    if name not in ALGORITHMS:
+        raise ValueError(f"{name!r} is not an mpiml algorithm; choose from {', '.join(ALGORITHMS)}")
+
+
+def check_settings(env: dict[str, str]) -> None:
+    """ValueError for the first HOROVOD_* number or MPIML_ALGORITHM in ``env`` that hvd.init() would refuse."""
+    for name in NUMBER_SETTINGS:
+        if env.get(name, "").strip():
+            setting_value(name, env[name])
+    algorithm = env.get("MPIML_ALGORITHM", "").strip()
+    if algorithm:
+        try:
+            check_algorithm(algorithm)
+        except ValueError as e:
+            raise ValueError(f"MPIML_ALGORITHM: {e}") from None
 
 
 class _Refuse(argparse.Action):
@@ -97,6 +144,10 @@ def read_hostfile(path: str) -> list[Host]:
             lines = f.read().splitlines()
     except OSError as e:
         raise LaunchError(f"--hostfile {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise LaunchError(f"--hostfile {path}, line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
+                          "expected 'host slots=N' lines") from None
     hosts = []
     for number, line in enumerate(lines, 1):
         line = line.split("#", 1)[0].strip()
@@ -121,13 +172,14 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("-H", "--hosts", help="hosts and slots, e.g. host1:2,host2:2")
     where.add_argument("--hostfile", help="file with one 'host slots=N' per line")
     p.add_argument("--oversubscribe", action="store_true", help="allow more processes than slots (Open MPI needs it)")
-    p.add_argument("--fusion-threshold-mb", type=float,
-                   help="fusion buffer size in MiB (sets HOROVOD_FUSION_THRESHOLD)")
-    p.add_argument("--cycle-time-ms", type=float, help="negotiation cycle time (sets HOROVOD_CYCLE_TIME)")
+    p.add_argument("--fusion-threshold-mb", help="fusion buffer size in MiB (sets HOROVOD_FUSION_THRESHOLD)")
+    p.add_argument("--cycle-time-ms", help="negotiation cycle time (sets HOROVOD_CYCLE_TIME)")
     p.add_argument("--timeline-filename", help="write a Chrome trace here (sets HOROVOD_TIMELINE)")
     p.add_argument("--timeline-mark-cycles", action="store_true", help="mark negotiation cycles in the timeline")
     p.add_argument("--no-stall-check", action="store_true", help="no warnings about stalled tensors")
-    p.add_argument("--stall-check-warning-time-seconds", type=float, help="warn after this many seconds (default 60)")
+    p.add_argument("--stall-check-warning-time-seconds", help="warn after this many seconds (default 60)")
+    p.add_argument("--stall-check-shutdown-time-seconds",
+                   help="shut every rank down after a stall this long (default 0: never)")
     p.add_argument("--algorithm", help="mpiml.collectives algorithm: ring, tree, butterfly, mpi, ... "
                    "(sets MPIML_ALGORITHM)")
     p.add_argument("--log-level", help="sets HOROVOD_LOG_LEVEL (accepted for compatibility)")
@@ -171,7 +223,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for item in args.env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(=.*)?", item):
             raise LaunchError(f"-x {item!r}: expected NAME or NAME=VALUE")
+    _check_numbers(args)
+    if args.algorithm is not None:
+        try:
+            check_algorithm(args.algorithm)
+        except ValueError as e:
+            raise LaunchError(f"--algorithm: {e}") from None
     return args
+
+
+_NUMBER_FLAGS = {"fusion_threshold_mb": "MiB", "cycle_time_ms": "milliseconds",
+                 "stall_check_warning_time_seconds": "seconds", "stall_check_shutdown_time_seconds": "seconds"}
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Turn the numeric flags into finite floats >= 0, or stop with the flag's name (before any rank starts)."""
+    for dest, unit in _NUMBER_FLAGS.items():
+        text = getattr(args, dest)
+        if text is None:
+            continue
+        flag = "--" + dest.replace("_", "-")
+        try:
+            value = float(text)
+        except ValueError:
+            raise LaunchError(f"{flag} {text!r}: not a number of {unit}") from None
+        if not math.isfinite(value) or value < 0:
+            raise LaunchError(f"{flag} {text!r}: expected a finite number of {unit}, at least 0")
+        setattr(args, dest, value)
 
 
 def find_mpiexec(explicit: str | None = None) -> str:
@@ -219,6 +297,8 @@ def settings_env(args: argparse.Namespace) -> dict[str, str]:
         env["HOROVOD_STALL_CHECK_DISABLE"] = "1"
     if args.stall_check_warning_time_seconds is not None:
         env["HOROVOD_STALL_CHECK_TIME_SECONDS"] = repr(args.stall_check_warning_time_seconds)
+    if args.stall_check_shutdown_time_seconds is not None:
+        env["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = repr(args.stall_check_shutdown_time_seconds)
     if args.algorithm:
         env["MPIML_ALGORITHM"] = args.algorithm
     if args.log_level:
@@ -329,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.check_build:
             return _check_build(mpiexec, flavor, version)
         cmd, env = build_command(args, mpiexec, flavor, dict(os.environ))
+        try:
+            check_settings(env)
+        except ValueError as e:
+            raise LaunchError(f"{e} (in the environment the ranks would get)") from None
     except LaunchError as e:
         print(f"mpiml.run: error: {e}", file=sys.stderr)
         return 2

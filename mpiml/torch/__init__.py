@@ -18,7 +18,7 @@ CPU tensors.
 
 Layout: ``basics`` (init, ranks, settings), ``ops`` (allreduce family,
 handles, join, barrier), ``movement`` (allgather, broadcast, alltoall,
-reducescatter), ``functions`` (broadcasting parameters, optimizer state
+reducescatter, and their grouped forms), ``functions`` (broadcasting parameters, optimizer state
 and objects), ``optimizer`` (DistributedOptimizer), ``compression``,
 ``engine``/``negotiation``/``execute`` (the machinery).
 """
@@ -72,6 +72,10 @@ from .movement import (
     broadcast_,
     broadcast_async,
     broadcast_async_,
+    grouped_allgather,
+    grouped_allgather_async,
+    grouped_reducescatter,
+    grouped_reducescatter_async,
     reducescatter,
     reducescatter_async,
     sparse_allreduce_async,
@@ -100,8 +104,10 @@ __all__ = [
     "init", "shutdown", "is_initialized", "size", "rank", "local_size", "local_rank", "cross_size", "cross_rank",
     "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
     "grouped_allreduce", "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_",
-    "allgather", "allgather_async", "broadcast", "broadcast_", "broadcast_async", "broadcast_async_",
-    "alltoall", "alltoall_async", "reducescatter", "reducescatter_async", "sparse_allreduce_async",
+    "allgather", "allgather_async", "grouped_allgather", "grouped_allgather_async",
+    "broadcast", "broadcast_", "broadcast_async", "broadcast_async_",
+    "alltoall", "alltoall_async", "reducescatter", "reducescatter_async",
+    "grouped_reducescatter", "grouped_reducescatter_async", "sparse_allreduce_async",
     "poll", "synchronize", "join", "barrier",
     "Average", "Sum", "Adasum", "Min", "Max", "Product", "ReduceOp",
     "broadcast_parameters", "broadcast_optimizer_state", "broadcast_object", "allgather_object",

@@ -9,20 +9,28 @@ names where Horovod has one:
 ``HOROVOD_TIMELINE``               write a Chrome trace of every rank's phases to this path
 ``HOROVOD_TIMELINE_MARK_CYCLES``   1: mark each negotiation cycle in the trace
 ``HOROVOD_STALL_CHECK_TIME_SECONDS``  warn when a name waits this long for some ranks (default 60)
-``HOROVOD_STALL_CHECK_DISABLE``    1: no stall warnings
+``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS``  shut every rank down when a name waits this long (default 0: never)
+``HOROVOD_STALL_CHECK_DISABLE``    1: no stall warnings (and no stall shutdown)
 ``MPIML_ALGORITHM``                mpiml.collectives algorithm: ring (default), tree, butterfly, mpi
 =================================  ==========================================================
+
+A value ``init()`` cannot use (``HOROVOD_CYCLE_TIME=inf``, a negative
+number, an unknown algorithm) ends the job as a bad command line does:
+every rank exits with status 2 and the first rank with the problem prints
+one ``mpiml.torch: error: ...`` line, instead of each rank printing a
+traceback.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import sys
 from typing import Any
 
 from mpi4py import MPI
 
-from .. import collectives
+from ..run import check_algorithm, setting_value
 from .engine import Engine
 from .requests import HorovodInternalError, ReduceOp
 
@@ -51,36 +59,48 @@ _state: _State | None = None
 _atexit_registered = False
 
 
-def _env_number(name: str, default: float, kind: type = float) -> Any:
+def _env_number(name: str, default: float) -> Any:
     text = os.environ.get(name)
     if text is None or text.strip() == "":
         return default
-    try:
-        value = kind(text)
-    except ValueError:
-        raise ValueError(f"{name}={text!r} is not a valid {kind.__name__}") from None
-    if value < 0:
-        raise ValueError(f"{name}={text!r} must not be negative")
-    return value
+    return setting_value(name, text)
 
 
 def settings() -> dict[str, Any]:
-    """The engine settings ``init()`` would use now (from the environment)."""
+    """The engine settings ``init()`` would use now (from the environment); ValueError naming a bad variable."""
     algorithm = os.environ.get("MPIML_ALGORITHM", "ring").strip() or "ring"
-    if algorithm not in collectives.ALGORITHMS:
-        raise ValueError(f"MPIML_ALGORITHM={algorithm!r} is not an mpiml algorithm; choose from "
-                         f"{', '.join(collectives.ALGORITHMS)}")
+    try:
+        check_algorithm(algorithm)
+    except ValueError as e:
+        raise ValueError(f"MPIML_ALGORITHM: {e}") from None
     stall = _env_number("HOROVOD_STALL_CHECK_TIME_SECONDS", 60.0)
     if os.environ.get("HOROVOD_STALL_CHECK_DISABLE", "0") not in ("", "0"):
         stall = 0.0
     return {
         "algorithm": algorithm,
         "cycle_time": _env_number("HOROVOD_CYCLE_TIME", 1.0) / 1000.0,
-        "fusion_threshold": _env_number("HOROVOD_FUSION_THRESHOLD", DEFAULT_FUSION_THRESHOLD, int),
+        "fusion_threshold": _env_number("HOROVOD_FUSION_THRESHOLD", DEFAULT_FUSION_THRESHOLD),
         "stall_seconds": stall,
+        "stall_shutdown_seconds": _env_number("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", 0.0),
         "timeline_path": os.environ.get("HOROVOD_TIMELINE") or None,
         "mark_cycles": os.environ.get("HOROVOD_TIMELINE_MARK_CYCLES", "0") not in ("", "0"),
     }
+
+
+def _agreed_settings(comm: MPI.Intracomm) -> dict[str, Any]:
+    """``settings()``, or SystemExit(2) on every rank if any rank's environment is unusable (one line printed)."""
+    try:
+        config, problem = settings(), None
+    except ValueError as e:
+        config, problem = {}, str(e)
+    problems = comm.allgather(problem)  # collective: no rank goes on to start an engine the others will not
+    first = next((r for r, p in enumerate(problems) if p is not None), None)
+    if first is None:
+        return config
+    if comm.Get_rank() == first:
+        where = "" if all(p == problem for p in problems) else f" (rank {first})"
+        print(f"mpiml.torch: error: {problem}{where}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def init(comm: MPI.Intracomm | list[int] | None = None, process_sets: Any = None) -> None:
@@ -106,7 +126,7 @@ def init(comm: MPI.Intracomm | list[int] | None = None, process_sets: Any = None
     if MPI.Query_thread() < MPI.THREAD_SERIALIZED:
         raise RuntimeError("mpiml.torch needs MPI initialised with at least MPI_THREAD_SERIALIZED "
                            "(mpi4py's default is THREAD_MULTIPLE)")
-    _state = _State(comm, Engine(comm, **settings()))
+    _state = _State(comm, Engine(comm, **_agreed_settings(comm)))
     if not _atexit_registered:
         atexit.register(_shutdown_at_exit)
         _atexit_registered = True

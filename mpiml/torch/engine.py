@@ -23,13 +23,16 @@ it at once. MPI waits are non-blocking probes, yielding the core for up to
 1 ms and then sleeping in between, because MPI's blocking calls busy-poll.
 
 Shutdown is agreed like everything else: any rank asking (``shutdown()``
-or interpreter exit) makes rank 0 answer "shutdown" to all, every engine
+or interpreter exit), or a name stalled for longer than
+``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS``, makes rank 0 answer "shutdown"
+(with the stall as its reason) to all, every engine
 fails its pending handles with ``HorovodInternalError`` and stops in the
 same cycle, and the timeline (if any) is merged onto rank 0.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import pickle
 import sys
@@ -63,7 +66,8 @@ class Engine:
     """The negotiation-and-execution thread of one process (see the module docstring)."""
 
     def __init__(self, comm: MPI.Intracomm, *, algorithm: str, cycle_time: float, fusion_threshold: int,
-                 stall_seconds: float, timeline_path: str | None = None, mark_cycles: bool = False) -> None:
+                 stall_seconds: float, stall_shutdown_seconds: float = 0.0, timeline_path: str | None = None,
+                 mark_cycles: bool = False) -> None:
         self.comm = comm.Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.algorithm = algorithm
@@ -72,7 +76,8 @@ class Engine:
         self.mark_cycles = mark_cycles
         self.timeline = Timeline(timeline_path, rank=self.rank, size=self.size)
         self.executor = Executor(self.comm, algorithm, self.timeline)
-        self.coordinator = Coordinator(self.size, fusion_threshold, stall_seconds) if self.rank == 0 else None
+        self.coordinator = (Coordinator(self.size, fusion_threshold, stall_seconds,
+                                        shutdown_seconds=stall_shutdown_seconds) if self.rank == 0 else None)
         self._cond = threading.Condition()
         self._queue: list[Request] = []
         self._names: set[str] = set()  # every name pending on this rank (queued or negotiating)
@@ -124,6 +129,7 @@ class Engine:
             if self._thread.is_alive():
                 print(f"mpiml.torch: rank {self.rank}: the engine did not stop within {timeout:.0f} s",
                       file=sys.stderr, flush=True)
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)  # where it is stuck
 
     def set_timeline(self, path: str | None, mark_cycles: bool = False) -> None:
         """Start recording to ``path`` (or stop with None); closes the previous timeline of this rank."""
@@ -187,7 +193,8 @@ class Engine:
         self._idle_cycles = 0 if (plan or self._pending or new) else self._idle_cycles + 1
         for response in plan:
             if response.kind == "shutdown":
-                reason = "Horovod has been shut down on this rank." if shutdown else SHUTDOWN_BY_PEER
+                reason = response.error or ("Horovod has been shut down on this rank." if shutdown
+                                            else SHUTDOWN_BY_PEER)
                 self._stop(reason, collective=True)
                 return True
             self._execute(response)

@@ -14,11 +14,12 @@ plan), so each call below is matched on every rank.
 * **broadcast** (a fused bucket): the root packs, one
   ``collectives.broadcast``, everyone unpacks.
 * **allgather**: ``collectives.allgather`` handles ranks' different first
-  dimensions.
+  dimensions; a grouped allgather runs one per tensor, in list order.
 * **reducescatter**: rank r gets rows ``[R_r, R_r+1)`` of the reduced tensor
   (the first ``rows % size`` ranks one row more, as Horovod). Each rank's
   rows are laid out in equal, zero-padded segments so that
-  ``collectives.reduce_scatter``'s element split lands on row boundaries.
+  ``collectives.reduce_scatter``'s element split lands on row boundaries;
+  a grouped reducescatter runs one per tensor, in list order.
 * **alltoall**: MPI's own ``Alltoallv`` (mpiml.collectives has no
   all-to-all), on the bytes of the rows.
 """
@@ -34,7 +35,7 @@ from mpi4py import MPI
 
 from .. import collectives
 from ..timeline import Timeline
-from .negotiation import Response
+from .negotiation import Meta, Response
 from .requests import MPIML_OPS, ReduceOp, Request, from_name, identity, wire_dtype, write_scaled
 
 __all__ = ["Executor"]
@@ -73,9 +74,9 @@ class Executor:
         request = requests[0]
         assert request is not None, f"{kind} without a local request"
         if kind == "allgather":
-            return [self._allgather(response, request)]
+            return [[self._allgather(response.extra[i], t) for i, t in enumerate(request.inputs)]]
         if kind == "reducescatter":
-            return [self._reducescatter(request)]
+            return [[self._reducescatter(request.meta, t) for t in request.inputs]]
         if kind == "alltoall":
             return [self._alltoall(response, request)]
         raise ValueError(f"unknown response kind {kind!r}")
@@ -159,8 +160,8 @@ class Executor:
         return [r.outputs if r is not None else None for r in requests]
 
     # ------------------------------------------------------------ allgather, reducescatter, alltoall
-    def _allgather(self, response: Response, request: Request) -> torch.Tensor:
-        tensor = request.inputs[0]
+    def _allgather(self, rows: tuple[int, ...], tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` concatenated; ``rows``: each rank's first dimension."""
         native = tensor.dtype
         wire = wire_dtype(native)
         flat = tensor.view(-1) if wire == native else tensor.view(-1).to(wire)
@@ -168,10 +169,9 @@ class Executor:
             gathered = collectives.allgather(flat, algorithm=self.algorithm, comm=self.comm)
         if wire != native:
             gathered = gathered.to(native)
-        return gathered.view(sum(response.extra[0]), *tensor.shape[1:])
+        return gathered.view(sum(rows), *tensor.shape[1:])
 
-    def _reducescatter(self, request: Request) -> torch.Tensor:
-        meta, tensor = request.meta, request.inputs[0]
+    def _reducescatter(self, meta: Meta, tensor: torch.Tensor) -> torch.Tensor:
         native = tensor.dtype
         wire = wire_dtype(native)
         op = ReduceOp(meta.op)

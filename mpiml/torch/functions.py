@@ -52,9 +52,15 @@ def _from_words(words: torch.Tensor, length: int) -> bytes:
 
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
                      process_set: Any = global_process_set) -> Any:
-    """Pickle ``obj`` on ``root_rank`` and return it on every rank."""
+    """Pickle ``obj`` on ``root_rank`` and return it on every rank.
+
+    Without ``name`` the operation is named ``broadcast_object``, whatever
+    ``obj`` is: the other ranks typically pass a placeholder (``None``), so a
+    name derived from the object (Horovod uses its type) would differ
+    between the root and the others and they would never match.
+    """
     basics.check_process_set(process_set)
-    name = name or type(obj).__name__
+    name = name or "broadcast_object"
     if basics.rank() == root_rank:
         data = _pickler.dumps(obj)
         length = torch.tensor([len(data)], dtype=torch.int64)
@@ -71,9 +77,13 @@ def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
 
 
 def allgather_object(obj: Any, name: str | None = None, process_set: Any = global_process_set) -> list[Any]:
-    """Pickle ``obj`` on every rank; returns the list of all ranks' objects, in rank order."""
+    """Pickle ``obj`` on every rank; returns the list of all ranks' objects, in rank order.
+
+    Without ``name`` the operation is named ``allgather_object`` (not after
+    the object's type, which may differ by rank).
+    """
     basics.check_process_set(process_set)
-    name = name or type(obj).__name__
+    name = name or "allgather_object"
     data = _pickler.dumps(obj)
     lengths = synchronize(allgather_async(torch.tensor([len(data)], dtype=torch.int64), f"{name}.sz")).tolist()
     words = synchronize(allgather_async(_to_words(data), f"{name}.t"))

@@ -1,10 +1,13 @@
-"""Horovod's allgather, broadcast, alltoall and reducescatter (asynchronous, in-place and autograd forms).
+"""Horovod's allgather, broadcast, alltoall and reducescatter (asynchronous, in-place, grouped and autograd forms).
 
 Gradients follow Horovod: allgather's is the *average* of the incoming
 gradients, narrowed to this rank's rows; broadcast's is that average on
 the root and zero elsewhere; alltoall's is the alltoall of the gradient
 back along the received splits; reducescatter's is the allgather of the
-gradient (times the number of ranks for ``Sum``).
+gradient (times the number of ranks for ``Sum``, and times the scale
+factors). The grouped forms take a list of tensors, negotiated under one
+name and executed together, and their gradients are the grouped forms of
+the same rules.
 """
 
 from __future__ import annotations
@@ -17,16 +20,50 @@ import torch
 from . import basics
 from .basics import Average, global_process_set
 from .compression import Compression, Compressor
-from .ops import allreduce, resolve_op, submit, synchronize
+from .ops import allreduce, by_dtype, grouped_allreduce, resolve_op, submit, synchronize
 from .requests import ReduceOp, check_tensor
 
-__all__ = ["allgather", "allgather_async", "broadcast", "broadcast_", "broadcast_async", "broadcast_async_",
-           "alltoall", "alltoall_async", "reducescatter", "reducescatter_async", "sparse_allreduce_async",
-           "HorovodAllgather", "HorovodBroadcast", "HorovodAlltoall", "HorovodReducescatter"]
+__all__ = ["allgather", "allgather_async", "grouped_allgather", "grouped_allgather_async", "broadcast", "broadcast_",
+           "broadcast_async", "broadcast_async_", "alltoall", "alltoall_async", "reducescatter",
+           "reducescatter_async", "grouped_reducescatter", "grouped_reducescatter_async", "sparse_allreduce_async",
+           "HorovodAllgather", "HorovodGroupedAllgather", "HorovodBroadcast", "HorovodAlltoall",
+           "HorovodReducescatter", "HorovodGroupedReducescatter"]
 
 
 def _first(results: list[Any]) -> Any:
     return results[0]
+
+
+def _only(results: list[Any]) -> Any:
+    """The one output of a one-tensor request (the executor returns a list per request)."""
+    return results[0][0]
+
+
+def _in_input_order(tensors: list[torch.Tensor]) -> Callable[[list[Any]], list[torch.Tensor]]:
+    """Converter for a grouped request: per-dtype lists of outputs back into the order of ``tensors``."""
+    parts = list(by_dtype(tensors).values())
+
+    def convert(results: list[Any]) -> list[torch.Tensor]:
+        out: list[Any] = [None] * len(tensors)
+        for positions, outputs in zip(parts, results, strict=True):
+            for i, t in zip(positions, outputs, strict=True):
+                out[i] = t
+        return out
+
+    return convert
+
+
+def _group(tensors: Any, what: str) -> list[torch.Tensor]:
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError(f"{what} needs at least one tensor")
+    return [_with_rows(t, what) for t in tensors]
+
+
+def _my_offsets(counts: list[int], process_set: Any) -> list[int]:
+    """For each of this rank's row counts, how many rows the lower ranks hold before it."""
+    every = synchronize(allgather_async(torch.tensor([counts], dtype=torch.int64), process_set=process_set))
+    return [int(x) for x in every[:basics.rank()].sum(dim=0)]
 
 
 def _with_rows(tensor: torch.Tensor, what: str) -> torch.Tensor:
@@ -42,7 +79,7 @@ def _with_rows(tensor: torch.Tensor, what: str) -> torch.Tensor:
 def allgather_async(tensor: torch.Tensor, name: str | None = None, process_set: Any = global_process_set) -> int:
     """Start concatenating every rank's ``tensor`` along the first dimension (which may differ by rank)."""
     basics.check_process_set(process_set)
-    return submit("allgather", name, [_with_rows(tensor, "allgather")], [], _first)
+    return submit("allgather", name, [_with_rows(tensor, "allgather")], [], _only)
 
 
 class HorovodAllgather(torch.autograd.Function):
@@ -66,6 +103,36 @@ class HorovodAllgather(torch.autograd.Function):
 def allgather(tensor: torch.Tensor, name: str | None = None, process_set: Any = global_process_set) -> torch.Tensor:
     """Every rank's ``tensor`` concatenated along dimension 0, in rank order; differentiable."""
     return HorovodAllgather.apply(tensor, name, process_set)
+
+
+def grouped_allgather_async(tensors: list[torch.Tensor], name: str | None = None,
+                            process_set: Any = global_process_set) -> int:
+    """Start allgathering each tensor of a list (one negotiation for the group); ``synchronize`` gives the list."""
+    basics.check_process_set(process_set)
+    srcs = _group(tensors, "grouped_allgather")
+    return submit("allgather", name, srcs, [], _in_input_order(srcs), prefix="grouped_allgather")
+
+
+class HorovodGroupedAllgather(torch.autograd.Function):
+    """Grouped allgather; each gradient is the average of the ranks' output gradients, narrowed to this rank's rows."""
+
+    @staticmethod
+    def forward(ctx: Any, name: str | None, process_set: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.dims = [t.shape[0] if t.dim() else 0 for t in tensors]
+        ctx.process_set = process_set
+        return tuple(synchronize(grouped_allgather_async(list(tensors), name, process_set)))
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[Any, ...]:
+        reduced = grouped_allreduce([g.contiguous() for g in grad_outputs], op=Average, process_set=ctx.process_set)
+        offsets = _my_offsets(ctx.dims, ctx.process_set)
+        return (None, None, *[g.narrow(0, o, d) for g, o, d in zip(reduced, offsets, ctx.dims, strict=True)])
+
+
+def grouped_allgather(tensors: list[torch.Tensor], name: str | None = None,
+                      process_set: Any = global_process_set) -> list[torch.Tensor]:
+    """``allgather`` of each tensor in the list, negotiated and run together; differentiable."""
+    return list(HorovodGroupedAllgather.apply(name, process_set, *tensors))
 
 
 # ---------------------------------------------------------------- broadcast
@@ -190,25 +257,30 @@ def reducescatter_async(tensor: torch.Tensor, name: str | None = None, op: Any =
     basics.check_process_set(process_set)
     op = resolve_op(op, None)
     src = _with_rows(tensor, "reducescatter")
-    return submit("reducescatter", name, [src], [], _first, op=int(op), prescale=float(prescale_factor),
+    return submit("reducescatter", name, [src], [], _only, op=int(op), prescale=float(prescale_factor),
                   postscale=float(postscale_factor))
 
 
+def _scattered_grad(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+    """Horovod's rule for a reducescatter's output gradient before it is gathered back."""
+    factor = (basics.size() if ctx.op == ReduceOp.Sum else 1) * ctx.scale[0] * ctx.scale[1]
+    return (grad * factor if factor != 1 else grad).contiguous()
+
+
 class HorovodReducescatter(torch.autograd.Function):
-    """Reducescatter; the gradient is the allgather of the output gradients (times size for Sum)."""
+    """Reducescatter; the gradient is the allgather of the output gradients (times size for Sum, and the scales)."""
 
     @staticmethod
     def forward(ctx: Any, tensor: torch.Tensor, name: str | None, op: Any, process_set: Any,
                 prescale_factor: float, postscale_factor: float) -> torch.Tensor:
         ctx.op = resolve_op(op, None)
         ctx.process_set = process_set
+        ctx.scale = (prescale_factor, postscale_factor)
         return synchronize(reducescatter_async(tensor, name, ctx.op, process_set, prescale_factor, postscale_factor))
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
-        if ctx.op == ReduceOp.Sum:
-            grad_output = grad_output * basics.size()
-        grad = synchronize(allgather_async(grad_output.contiguous(), process_set=ctx.process_set))
+        grad = synchronize(allgather_async(_scattered_grad(ctx, grad_output), process_set=ctx.process_set))
         return grad, None, None, None, None, None
 
 
@@ -219,6 +291,47 @@ def reducescatter(tensor: torch.Tensor, name: str | None = None, compression: ty
     compressed, ctx = compression.compress(tensor)
     reduced = HorovodReducescatter.apply(compressed, name, op, process_set, prescale_factor, postscale_factor)
     return compression.decompress(reduced, ctx)
+
+
+def grouped_reducescatter_async(tensors: list[torch.Tensor], name: str | None = None, op: Any = Average,
+                                process_set: Any = global_process_set, prescale_factor: float = 1.0,
+                                postscale_factor: float = 1.0) -> int:
+    """Start reducescattering each tensor of a list (one negotiation for the group)."""
+    basics.check_process_set(process_set)
+    op = resolve_op(op, None)
+    srcs = _group(tensors, "grouped_reducescatter")
+    return submit("reducescatter", name, srcs, [], _in_input_order(srcs), prefix="grouped_reducescatter",
+                  op=int(op), prescale=float(prescale_factor), postscale=float(postscale_factor))
+
+
+class HorovodGroupedReducescatter(torch.autograd.Function):
+    """Grouped reducescatter; gradients are the grouped allgather of the output gradients (scaled as above)."""
+
+    @staticmethod
+    def forward(ctx: Any, name: str | None, op: Any, process_set: Any, prescale_factor: float,
+                postscale_factor: float, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.op = resolve_op(op, None)
+        ctx.process_set = process_set
+        ctx.scale = (prescale_factor, postscale_factor)
+        return tuple(synchronize(grouped_reducescatter_async(list(tensors), name, ctx.op, process_set,
+                                                             prescale_factor, postscale_factor)))
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[Any, ...]:
+        grads = [_scattered_grad(ctx, g) for g in grad_outputs]
+        return (None, None, None, None, None,
+                *synchronize(grouped_allgather_async(grads, process_set=ctx.process_set)))
+
+
+def grouped_reducescatter(tensors: list[torch.Tensor], name: str | None = None,
+                          compression: type[Compressor] = Compression.none, op: Any = Average,
+                          process_set: Any = global_process_set, prescale_factor: float = 1.0,
+                          postscale_factor: float = 1.0) -> list[torch.Tensor]:
+    """``reducescatter`` of each tensor in the list, negotiated and run together; differentiable."""
+    compressed, ctxs = zip(*[compression.compress(t) for t in tensors], strict=True) if tensors else ((), ())
+    reduced = HorovodGroupedReducescatter.apply(name, op, process_set, prescale_factor, postscale_factor,
+                                                *compressed)
+    return [compression.decompress(t, c) for t, c in zip(reduced, ctxs, strict=True)]
 
 
 # ---------------------------------------------------------------- sparse gradients

@@ -18,7 +18,12 @@ shapes, op, scale factors, root, splits) and whether it has just called
   (root) are **fused** into buckets of at most ``fusion_threshold`` bytes;
 * when every rank has joined, a ``join`` response carries the rank that
   joined last; a shutdown request from any rank becomes a ``shutdown``
-  response.
+  response;
+* a name that some ranks submitted and others have not is **stalled**:
+  after ``stall_seconds`` the coordinator warns, naming the missing ranks,
+  and after ``shutdown_seconds`` (Horovod's
+  ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS``; 0, the default, never) it shuts
+  every rank down, so the waiting calls fail instead of hanging.
 
 Nothing here touches MPI or tensors, so the rules are unit-tested directly.
 """
@@ -157,12 +162,18 @@ class Coordinator:
 
     def __init__(self, size: int, fusion_threshold: int, stall_seconds: float = 60.0,
                  clock: Callable[[], float] = time.monotonic,
-                 warn: Callable[[str], None] | None = None) -> None:
+                 warn: Callable[[str], None] | None = None, shutdown_seconds: float = 0.0) -> None:
         self.size = size
         self.fusion_threshold = fusion_threshold
         self.stall_seconds = stall_seconds
         self.clock = clock
         self.warn = warn or (lambda text: print(text, file=sys.stderr, flush=True))
+        if stall_seconds > 0 and 0 < shutdown_seconds < stall_seconds:  # Horovod's rule too
+            self.warn(f"mpiml.torch: HOROVOD_STALL_SHUTDOWN_TIME_SECONDS ({shutdown_seconds:g}) is less than "
+                      f"HOROVOD_STALL_CHECK_TIME_SECONDS ({stall_seconds:g}): stalls will not shut the job down")
+            shutdown_seconds = 0.0
+        self.shutdown_seconds = shutdown_seconds if stall_seconds > 0 else 0.0
+        self.shutdown_reason = ""
         self.table: dict[str, dict[int, Meta]] = {}
         self.first_seen: dict[str, float] = {}
         self.warned: set[str] = set()
@@ -197,7 +208,7 @@ class Coordinator:
     def plan(self) -> list[Response]:
         """The responses of this cycle (empty if nothing is ready anywhere)."""
         if self.shutdown:
-            return [Response("shutdown")]
+            return [Response("shutdown", error=self.shutdown_reason)]
         plan: list[Response] = []
         runnable: list[tuple[str, Meta]] = []
         for name in self._ready():
@@ -254,10 +265,20 @@ class Coordinator:
             return
         now = self.clock()
         for name, since in self.first_seen.items():
-            if name in self.warned or now - since < self.stall_seconds:
+            waited = now - since
+            if waited < self.stall_seconds:
+                continue
+            missing = _ranks([r for r in range(self.size) if r not in self.table[name] and r not in self.joined])
+            if 0 < self.shutdown_seconds < waited and not self.shutdown:
+                self.shutdown = True
+                self.shutdown_reason = (
+                    f"'{name}' waited {waited:.0f} s for {missing}, longer than "
+                    f"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS={self.shutdown_seconds:g}: mpiml.torch shut down every "
+                    "rank (ranks must submit the same names; a rank may have stopped or called something else)")
+                self.warn(f"mpiml.torch: {self.shutdown_reason}")
+            if name in self.warned:
                 continue
             self.warned.add(name)
-            missing = [r for r in range(self.size) if r not in self.table[name] and r not in self.joined]
-            self.warn(f"mpiml.torch: '{name}' has waited {now - since:.0f} s for {_ranks(missing)}: one or more "
+            self.warn(f"mpiml.torch: '{name}' has waited {waited:.0f} s for {missing}: one or more "
                       "ranks submitted it and the others have not (a different name, order of calls that create "
                       "automatic names, or a rank that stopped early?)")

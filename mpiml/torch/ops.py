@@ -4,7 +4,10 @@ Every operation is keyed by a name: ``allreduce.<name>`` when one is given,
 else ``allreduce.noname.<handle>`` where the handle counts this process's
 operations (all kinds, as Horovod), so ranks making the same calls in the
 same order get the same names. Ranks may submit *named* operations in any
-order; the engine matches them by name.
+order; the engine matches them by name. A barrier is always named
+``barrier.noname`` (as Horovod's), so it matches across ranks even when
+their handle counts differ, e.g. while an operation is pending on only some
+of them: the barrier completes and that operation completes later.
 
 Asynchronous calls return an integer handle; ``synchronize(handle)`` waits
 and returns the result (raising ``HorovodInternalError``, a RuntimeError,
@@ -30,7 +33,8 @@ from .requests import Handle, HorovodInternalError, ReduceOp, Request, check_ten
 
 __all__ = ["allreduce", "allreduce_", "allreduce_async", "allreduce_async_", "grouped_allreduce",
            "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_", "poll", "synchronize",
-           "join", "barrier", "submit", "resolve_op", "next_handle", "HorovodAllreduce", "HorovodGroupedAllreduce"]
+           "join", "barrier", "submit", "by_dtype", "resolve_op", "next_handle", "HorovodAllreduce",
+           "HorovodGroupedAllreduce"]
 
 # handle -> (engine handles, function turning their results into what synchronize() returns)
 _handle_map: dict[int, tuple[list[Handle], Callable[[list[Any]], Any]]] = {}
@@ -62,20 +66,28 @@ def resolve_op(op: Any, average: bool | None) -> ReduceOp:
     return op
 
 
+def by_dtype(tensors: list[torch.Tensor]) -> dict[torch.dtype, list[int]]:
+    """The positions of ``tensors`` grouped by dtype, in order of first appearance (one request per group)."""
+    parts: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        parts.setdefault(t.dtype, []).append(i)
+    return parts
+
+
 def submit(kind: str, name: str | None, inputs: list[torch.Tensor], outputs: list[torch.Tensor],
-           convert: Callable[[list[Any]], Any], prefix: str | None = None, **fields: Any) -> int:
+           convert: Callable[[list[Any]], Any], prefix: str | None = None, exact_name: str | None = None,
+           **fields: Any) -> int:
     """Queue one operation; returns its handle.
 
     Tensors of different dtypes (a mixed group) become one request per
-    dtype, named ``<name>.<dtype>``. ``convert`` maps the list of the
-    requests' results to what ``synchronize()`` returns.
+    dtype (``by_dtype``), named ``<name>.<dtype>``. ``convert`` maps the
+    list of the requests' results to what ``synchronize()`` returns.
+    ``exact_name`` replaces the generated base name.
     """
     engine = basics.engine()
     handle = next_handle()
-    base = f"{prefix or kind}.{name}" if name else f"{prefix or kind}.noname.{handle}"
-    parts: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(inputs):
-        parts.setdefault(t.dtype, []).append(i)
+    base = exact_name or (f"{prefix or kind}.{name}" if name else f"{prefix or kind}.noname.{handle}")
+    parts = by_dtype(inputs)
     if not parts:
         parts[torch.float32] = []
     handles = []
@@ -149,9 +161,9 @@ def join(device: int = -1) -> int:
 
 
 def barrier(process_set: Any = global_process_set) -> None:
-    """Wait until every rank has reached a barrier."""
+    """Wait until every rank has reached a barrier (operations still pending elsewhere do not hold it up)."""
     basics.check_process_set(process_set)
-    synchronize(submit("barrier", None, [], [], lambda results: None))
+    synchronize(submit("barrier", None, [], [], lambda results: None, exact_name="barrier.noname"))
 
 
 # ---------------------------------------------------------------- allreduce

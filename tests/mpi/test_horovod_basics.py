@@ -176,12 +176,16 @@ def test_every_mpiml_algorithm_and_bad_settings(monkeypatch):
             rows = hvd.reducescatter(torch.cat([inputs[rank]] * size), op=hvd.Sum)
             torch.testing.assert_close(rows, reference(inputs, hvd.Sum, torch.float64))
         for name, value in (("MPIML_ALGORITHM", "rnig"), ("HOROVOD_FUSION_THRESHOLD", "lots"),
-                            ("HOROVOD_CYCLE_TIME", "-1")):
+                            ("HOROVOD_CYCLE_TIME", "-1"), ("HOROVOD_CYCLE_TIME", "inf"),
+                            ("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "nan")):
             monkeypatch.setenv("MPIML_ALGORITHM", "ring")
             monkeypatch.setenv(name, value)
             hvd.shutdown()
             with pytest.raises(ValueError, match=name):
+                hvd.basics.settings()
+            with pytest.raises(SystemExit) as stop:  # every rank stops as for a bad command line
                 hvd.init()
+            assert stop.value.code == 2 and not hvd.is_initialized()
             monkeypatch.delenv(name)
     finally:
         monkeypatch.undo()
