@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from mpiml.collectives._buffers import DTYPES, InputError, flatten, reduction
+from mpiml.collectives._buffers import (DTYPES, InputError, flatten, float16_mean_may_overflow, prescale, reduction,
+                                       write_back)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "int32", "int64"])
@@ -14,10 +15,33 @@ def test_flatten_numpy_is_a_view(dtype):
     assert x.reshape(-1)[5] == 7
 
 
-def test_flatten_fortran_order_is_a_view():
-    x = np.asfortranarray(np.zeros((3, 4), dtype=np.float32))
-    flatten(x).array[:] = 1
-    assert (x == 1).all()
+def test_flatten_fortran_order_is_logical_order_written_back():
+    """Element i is the i-th in row-major order on every rank, whatever each rank's layout (issue 11, #6)."""
+    values = np.arange(12, dtype=np.float32).reshape(3, 4)
+    x = np.asfortranarray(values)
+    flat = flatten(x)
+    assert flat.copied and flat.array.tolist() == values.reshape(-1).tolist()
+    flat.array[:] = np.arange(100, 112)
+    write_back(flat)
+    assert x.flags.f_contiguous and x.tolist() == (values + 100).tolist()
+
+
+def test_flatten_read_only_takes_any_layout_in_logical_order():
+    values = np.arange(12, dtype=np.int64).reshape(3, 4)
+    assert flatten(values.T, writeable=False).array.tolist() == values.T.reshape(-1).tolist()
+    assert flatten(values[:, ::2], writeable=False).array.tolist() == values[:, ::2].reshape(-1).tolist()
+    t = torch.from_numpy(values).T
+    assert flatten(t, writeable=False).array.tolist() == t.reshape(-1).tolist()
+
+
+def test_float16_mean_overflow_is_predicted_from_the_largest_magnitude():
+    big = flatten(np.array([1.0, -40000.0], dtype=np.float16))
+    assert float16_mean_may_overflow(big, 2) and not float16_mean_may_overflow(big, 1)
+    assert not float16_mean_may_overflow(flatten(np.array([30000.0], dtype=np.float16)), 2)
+    assert not float16_mean_may_overflow(flatten(np.array([1e30], dtype=np.float32)), 2)
+    x = np.array([60000.0, -60000.0], dtype=np.float16)
+    prescale(flatten(x), 2)
+    assert x.tolist() == [30000.0, -30000.0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, torch.int32, torch.int64,

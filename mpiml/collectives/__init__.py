@@ -19,13 +19,26 @@ they did not, or if any rank's arguments are invalid, *every* rank raises
 ``CollectiveError`` naming what differed and on which ranks, instead of
 hanging or computing garbage. The algorithms then run on a private duplicate
 of ``comm``, so their messages never meet the caller's own.
+
+Elements are combined in logical (row-major) order whatever each rank's
+memory layout: a Fortran-ordered array is reduced through a row-major copy
+and the result written back. A float16 ``mean`` whose sum could leave
+float16's range (on any rank, |x| * p > 65504) divides by p before summing.
+
+One communicator, one thread at a time: collectives on a communicator must
+be called in the same order on every rank, which two threads cannot promise.
+A call made while another thread's call on the same communicator is still in
+progress raises ``CollectiveError`` on that rank (and does nothing); give
+each thread its own communicator (``comm.Dup()``).
 """
 
 from __future__ import annotations
 
 import array
+import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any, NamedTuple
 
@@ -34,11 +47,12 @@ from mpi4py import MPI
 
 from .. import watchdog
 from . import auto, butterfly, hier, mpi, ring, tree
-from ._buffers import DTYPES, E_ALGORITHM, E_ROOT, E_TYPE, ERROR_TEXT, OPS, Flat, InputError, flatten, like, reduction
+from ._buffers import (DTYPES, E_ALGORITHM, E_NAME, E_ROOT, E_ROOT_TYPE, E_TYPE, ERROR_TEXT, OPS, Flat, InputError,
+                       flatten, float16_mean_may_overflow, like, prescale, reduction, write_back)
 from ._chunks import chunk_bounds
 
 __all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "ALGORITHMS", "Algorithm", "CollectiveError",
-           "DTYPES", "OPS", "chunk_bounds"]
+           "DTYPES", "OPS", "chunk_bounds", "private_comm", "busy"]
 
 
 class Algorithm(NamedTuple):
@@ -64,6 +78,7 @@ class CollectiveError(ValueError):
 # ---------------------------------------------------------------- private communicators
 
 _keyval: int | None = None
+_private_lock = threading.Lock()  # two threads' first calls must not both Dup (a collective) at once
 
 
 def _drop_private(comm: MPI.Comm, keyval: int, private: MPI.Comm) -> None:
@@ -79,24 +94,76 @@ def private_comm(comm: MPI.Comm | None) -> MPI.Comm:
     comm = MPI.COMM_WORLD if comm is None else comm
     if not isinstance(comm, MPI.Intracomm):
         raise TypeError(f"comm must be an MPI intracommunicator, got {type(comm).__name__}")
-    if _keyval is None:
-        _keyval = MPI.Comm.Create_keyval(delete_fn=_drop_private)
-    private = comm.Get_attr(_keyval)
+    private = comm.Get_attr(_keyval) if _keyval is not None else None
     if private is None:
-        private = comm.Dup()
-        comm.Set_attr(_keyval, private)
+        with _private_lock:
+            if _keyval is None:
+                _keyval = MPI.Comm.Create_keyval(delete_fn=_drop_private)
+            private = comm.Get_attr(_keyval)
+            if private is None:
+                private = comm.Dup()
+                comm.Set_attr(_keyval, private)
     return private
+
+
+# ---------------------------------------------------------------- one thread at a time per communicator
+
+_busy_lock = threading.Lock()
+_in_use: dict[int, str] = {}  # id of a private communicator -> the collective running on it
+
+
+def _claim(private: MPI.Comm, kind: str, label: str) -> None:
+    """Mark ``private`` in use by this call; raise if another thread's collective is using it."""
+    key = id(private)
+    with _busy_lock:
+        running = _in_use.get(key)
+        if running is None:
+            _in_use[key] = label
+            return
+    raise CollectiveError(
+        f"{kind}: another thread is already in collective {running!r} on this communicator; collectives on "
+        "one communicator must be called one at a time, in the same order on every rank, which two threads "
+        "cannot promise: give each thread its own communicator (comm.Dup())")
+
+
+def _release(private: MPI.Comm) -> None:
+    with _busy_lock:
+        del _in_use[id(private)]
+
+
+@contextmanager
+def _running(comm: MPI.Comm, kind: str, name: Any) -> Iterator[None]:
+    """One collective call: this thread alone on ``comm``, and watched by the stall watchdog."""
+    label = _label(name, kind)
+    _claim(comm, kind, label)
+    try:
+        with watchdog.watch(label):
+            yield
+    finally:
+        _release(comm)
+
+
+def busy(comm: MPI.Comm | None = None) -> bool:
+    """Whether an mpiml collective is running on ``comm`` now (in any thread of this process)."""
+    comm = MPI.COMM_WORLD if comm is None else comm
+    private = comm.Get_attr(_keyval) if _keyval is not None else None
+    return private is not None and id(private) in _in_use
 
 
 # ---------------------------------------------------------------- agreement check
 
 _KINDS = ("allreduce", "reduce_scatter", "allgather", "broadcast")
-_FIELDS = ("collective", "algorithm", "op", "dtype", "length", "root", "error", "name")
+_FIELDS = ("collective", "algorithm", "op", "dtype", "length", "root", "error", "name", "float16 range")
+_PRESCALE = 8  # the column saying this rank's float16 mean could overflow if summed before dividing
+
+
+def _code(name: Any) -> int:
+    return _crc(name) if isinstance(name, str) else -1  # anything else (even unhashable) is not a valid name
 
 
 @lru_cache(maxsize=64)
-def _code(name: Any) -> int:
-    return zlib.crc32(name.encode()) if isinstance(name, str) else -1
+def _crc(name: str) -> int:
+    return zlib.crc32(name.encode())
 
 
 class _Args(NamedTuple):
@@ -107,24 +174,27 @@ class _Args(NamedTuple):
     root: int
     error: InputError | None
     name: str | None = None
+    prescale: bool = False
 
 
 def _agree(comm: MPI.Comm, args: _Args, same_length: bool = True) -> np.ndarray | None:
     """Allgather every rank's call signature; raise CollectiveError on all ranks if they differ.
 
-    With ``same_length=False`` returns the (p, 7) int64 signature table
-    (column 4 holds each rank's length); otherwise None.
+    Returns None when every rank sent the same signature; otherwise (or with
+    ``same_length=False``) the (p, 9) int64 signature table (column 4 holds
+    each rank's length, column 8 whether its float16 mean needs prescaling).
     """
     flat = args.flat
     mine = array.array("q", (
         _KINDS.index(args.kind),
         _code(args.algorithm),
-        OPS.index(args.op) if args.op in OPS else -1,
+        OPS.index(args.op) if isinstance(args.op, str) and args.op in OPS else -1,
         DTYPES.index(flat.dtype) if flat is not None else -1,
         flat.array.size if flat is not None else -1,
         args.root,
         args.error.code if args.error is not None else 0,
         _code(args.name) if args.name else 0,
+        int(args.prescale),
     ))
     p = comm.Get_size()
     table = bytearray(len(mine) * mine.itemsize * p)
@@ -132,7 +202,8 @@ def _agree(comm: MPI.Comm, args: _Args, same_length: bool = True) -> np.ndarray 
     if same_length and args.error is None and table == mine.tobytes() * p:
         return None  # everyone agrees: the common case, decided without decoding anything
     table = np.frombuffer(table, dtype=np.int64).reshape(p, len(mine))
-    names = comm.allgather(args.name) if len(set(table[:, 7].tolist())) > 1 else None
+    names = comm.allgather(args.name if isinstance(args.name, str) else None) if len(
+        set(table[:, 7].tolist())) > 1 else None
     problems = _describe(table, comm.Get_rank(), args, same_length, names)
     if problems:
         raise CollectiveError(f"{args.kind}: " + "; ".join(problems))
@@ -179,23 +250,47 @@ def _ranks(ranks: list[int]) -> str:
     return ",".join(map(str, ranks)) if len(ranks) <= 8 else f"{ranks[0]}..{ranks[-1]} ({len(ranks)} ranks)"
 
 
-def _prepare(kind: str, x: Any, algorithm: str, op: str, root: int, comm: MPI.Comm, writeable: bool = True,
-             name: str | None = None) -> _Args:
-    """Validate one rank's arguments without raising: errors travel through the agreement check."""
-    flat, error = None, None
+def _prepare(kind: str, x: Any, algorithm: str, op: str, root: Any, comm: MPI.Comm, writeable: bool = True,
+             name: Any = None) -> _Args:
+    """Validate one rank's arguments without raising: errors travel through the agreement check.
+
+    Whatever a rank passed (a float or huge root, an unhashable algorithm or
+    name), it reaches the agreement check, marked invalid, so that every
+    rank raises instead of this one alone.
+    """
+    flat, error, valid_root = None, None, -1
     try:
         flat = flatten(x, writeable=writeable)
+        if name is not None and not isinstance(name, str):
+            raise InputError(f"name must be a str or None, got {type(name).__name__}", E_NAME)
         if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
             raise InputError(f"unknown algorithm {algorithm!r}; choose from {', '.join(ALGORITHMS)}", E_ALGORITHM)
-        if kind in ("allreduce", "reduce_scatter"):
-            reduction(op, flat.dtype)
+        if isinstance(root, bool) or not isinstance(root, (int, np.integer)):
+            raise InputError(f"root must be an int rank, got {type(root).__name__} {root!r}", E_ROOT_TYPE)
         if not 0 <= root < comm.Get_size():
             raise InputError(f"root {root} is not a rank of a communicator of size {comm.Get_size()}", E_ROOT)
+        valid_root = int(root)
+        if kind in ("allreduce", "reduce_scatter"):
+            reduction(op, flat.dtype)
     except InputError as e:
         error = e
     except Exception as e:  # anything odd about the buffer is still reported collectively
         error = InputError(f"{type(e).__name__}: {e}", E_TYPE)
-    return _Args(kind, algorithm, op, flat, root, error, name)
+    mean16 = error is None and op == "mean" and float16_mean_may_overflow(flat, comm.Get_size())
+    return _Args(kind, algorithm, op, flat, valid_root, error, name if isinstance(name, str) else None, mean16)
+
+
+def _label(name: Any, kind: str) -> str:
+    """What the watchdog calls this call (never raises, whatever ``name`` is)."""
+    return name if isinstance(name, str) and name else kind
+
+
+def _op_to_run(args: _Args, table: np.ndarray | None, p: int) -> str:
+    """``args.op``, or "sum" after dividing by p where any rank's float16 mean could overflow if summed first."""
+    if args.op == "mean" and (args.prescale if table is None else bool(table[:, _PRESCALE].any())):
+        prescale(args.flat, p)
+        return "sum"
+    return args.op
 
 
 # ---------------------------------------------------------------- public collectives
@@ -211,15 +306,20 @@ def allreduce(x: Any, op: str = "sum", algorithm: str = "ring", comm: MPI.Comm |
     passing a different name), or if any rank's arguments are invalid.
     """
     comm = private_comm(comm)
-    seq = watchdog.enter(name or "allreduce")
+    label = _label(name, "allreduce")
+    _claim(comm, "allreduce", label)
+    seq = watchdog.enter(label)
     try:
         args = _prepare("allreduce", x, algorithm, op, 0, comm, name=name)
-        _agree(comm, args)
+        table = _agree(comm, args)
         flat = args.flat
         if flat.array.size:
+            op = _op_to_run(args, table, comm.Get_size())
             ALGORITHMS[algorithm].allreduce(flat.array, reduction(op, flat.dtype), comm)
+            write_back(flat)
     finally:
         watchdog.leave(seq)
+        _release(comm)
     return x
 
 
@@ -229,16 +329,20 @@ def reduce_scatter(x: Any, op: str = "sum", algorithm: str = "ring", comm: MPI.C
 
     Segments follow ``chunk_bounds(len, p)`` over the flattened ``x`` (the
     first ``len % p`` ranks get one element more). The returned segment is a
-    view into ``x``; the rest of ``x`` is used as scratch and left undefined.
+    view into ``x`` (a new array if ``x`` is a Fortran-ordered numpy array:
+    segments are in logical order); the rest of ``x`` is used as scratch and
+    left undefined.
     """
     comm = private_comm(comm)
-    with watchdog.watch(name or "reduce_scatter"):
+    with _running(comm, "reduce_scatter", name):
         args = _prepare("reduce_scatter", x, algorithm, op, 0, comm, name=name)
-        _agree(comm, args)
+        table = _agree(comm, args)
         flat = args.flat
         lo = hi = 0
         if flat.array.size:
+            op = _op_to_run(args, table, comm.Get_size())
             lo, hi = ALGORITHMS[algorithm].reduce_scatter(flat.array, reduction(op, flat.dtype), comm)
+            write_back(flat)
     return _view(flat, lo, hi)
 
 
@@ -246,10 +350,11 @@ def allgather(chunk: Any, algorithm: str = "ring", comm: MPI.Comm | None = None,
     """Concatenate every rank's (flattened) ``chunk`` in rank order; returns a new 1-D buffer.
 
     Chunks may have different lengths on different ranks; dtypes must agree.
-    The result is a numpy array or torch tensor, like ``chunk``.
+    A chunk of any layout is taken in logical (row-major) order. The result
+    is a numpy array or torch tensor, like ``chunk``.
     """
     comm = private_comm(comm)
-    with watchdog.watch(name or "allgather"):
+    with _running(comm, "allgather", name):
         args = _prepare("allgather", chunk, algorithm, "sum", 0, comm, writeable=False, name=name)
         table = _agree(comm, args, same_length=False)
         bounds = [0]
@@ -267,17 +372,18 @@ def broadcast(x: Any, root: int = 0, algorithm: str = "mpi", comm: MPI.Comm | No
               name: str | None = None) -> Any:
     """Copy ``x`` from rank ``root`` to every rank, in place; returns ``x``."""
     comm = private_comm(comm)
-    with watchdog.watch(name or "broadcast"):
+    with _running(comm, "broadcast", name):
         args = _prepare("broadcast", x, algorithm, "sum", root, comm, name=name)
         _agree(comm, args)
         if args.flat.array.size:
-            ALGORITHMS[algorithm].broadcast(args.flat.array, root, comm)
+            ALGORITHMS[algorithm].broadcast(args.flat.array, args.root, comm)
+            write_back(args.flat)
     return x
 
 
 def _view(flat: Flat, lo: int, hi: int) -> Any:
     """Elements [lo, hi) of the flattened caller's buffer, as the caller's type."""
     src = flat.source
-    if isinstance(src, np.ndarray):
+    if isinstance(src, np.ndarray) or flat.copied:
         return flat.array[lo:hi]
     return src.detach().reshape(-1)[lo:hi]
