@@ -3,10 +3,12 @@
 Every job runs under a hard timeout of its own, so a hang fails the test instead of blocking CI.
 """
 
+import io
 import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -39,7 +41,21 @@ def data_files(tmp_path_factory):
     np.savez(tmp / "rows.npz", X=x, y=rng.integers(0, 3, 99))
     np.savez_compressed(tmp / "zipped.npz", X=x, y=rng.integers(0, 3, 100))
     (tmp / "text.npz").write_text("not numpy")
+    bad = x.copy()
+    bad[77, 3] = np.nan  # in the last rank's block: only that rank finds it
+    np.savez(tmp / "nan.npz", X=bad, y=rng.integers(0, 3, 100))
+    with zipfile.ZipFile(tmp / "short.npz", "w") as z:  # X.npy's header promises more rows than it holds
+        z.writestr("X.npy", _npy(x, (1000, 5)))
+        z.writestr("y.npy", _npy(np.zeros(1000, np.int64)))
     return tmp
+
+
+def _npy(array, shape=None):
+    buf = io.BytesIO()
+    header = np.lib.format.header_data_from_array_1_0(array)
+    header["shape"] = shape or array.shape
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue() + array.tobytes()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -54,6 +70,11 @@ def data_files(tmp_path_factory):
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--dataset", "synthetic", "--samples", "2"], "3 ranks but only"),
     (["--resume"], "--resume needs --checkpoint-dir"),
+    (["--seed", "-1"], "--seed must be an integer from 0 to"),
+    (["--fault", "hang:3:5"], "--fault: there is no rank 3 in a job of 3 ranks"),
+    (["--data", "{tmp}/nan.npz"], "nan.npz: X row 77 holds NaN or Inf"),
+    (["--data", "{tmp}/short.npz"], "short.npz: member X.npy is damaged"),
+    (["--timeline", "{tmp}"], "is a directory; give a file name"),
 ])
 def test_bad_input_ends_every_rank_with_one_message(data_files, args, message):
     args = [a.replace("{tmp}", str(data_files)) for a in args]
