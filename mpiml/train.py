@@ -491,12 +491,13 @@ def _find_checkpoint(cfg: Config, fingerprint: dict[str, Any], k: int) -> tuple[
     problem = _incompatible(cfg, payload, fingerprint, k) if payload is not None else None
     if problem:
         return ("error", f"cannot resume from {path}: {problem}", None)
+    then = "falling back to an older checkpoint" if payload is not None else "starting over (--restart-if-damaged)"
     for bad, why in damaged:
         try:
-            kept = f"kept as {checkpoint.set_aside(bad)}"
+            kept = f"the damaged file is kept as {checkpoint.set_aside(bad)}"
         except OSError as e:
-            kept = f"could not rename it ({e.strerror or e})"
-        print(f"warning: {why}; skipped, {kept}", file=sys.stderr, flush=True)
+            kept = f"the damaged file could not be renamed ({e.strerror or e})"
+        print(f"warning: {why}; {then}; {kept}", file=sys.stderr, flush=True)
     if payload is None:
         print(f"no {'usable ' if damaged else ''}checkpoint in {directory}; starting from scratch", flush=True)
     return ("ok", path, payload)

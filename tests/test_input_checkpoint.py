@@ -130,16 +130,17 @@ def test_restart_if_damaged_starts_over_and_keeps_the_damaged_file(trained, tmp_
     checkpoint.load(str(ck / FIRST))  # a good one, written anew
     captured = capsys.readouterr()
     assert "no usable checkpoint" in captured.out and "epoch   1/1" in captured.out
-    assert f"skipped, kept as {ck / FIRST}.damaged" in captured.err
+    assert f"starting over (--restart-if-damaged); the damaged file is kept as {ck / FIRST}.damaged" in captured.err
 
 
-def test_a_damaged_newest_checkpoint_is_set_aside_not_overwritten(trained, tmp_path):
+def test_a_damaged_newest_checkpoint_is_set_aside_not_overwritten(trained, tmp_path, capfd):
     ck = copy_of(trained, tmp_path)
     older = ck / "checkpoint-000000010.pt"
     shutil.copy(ck / FIRST, older)  # an older good one to fall back to (same content, that is fine here)
     blob = damage(ck / FIRST)
     assert run(Config(progress=False, epochs=2, checkpoint_dir=str(ck), resume=True)) == 0
     assert (ck / (FIRST + ".damaged")).read_bytes() == blob
+    assert "falling back to an older checkpoint; the damaged file is kept as" in capfd.readouterr().err
 
 
 def rewrite(ck, change):
