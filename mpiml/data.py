@@ -262,7 +262,7 @@ class ArraySource:
 
 
 def _open_npy(path: str, key: str, folder: str) -> np.ndarray:
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise DataError(f"--data {folder}: the folder has no {key}.npy")
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)

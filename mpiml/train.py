@@ -537,8 +537,8 @@ def _resume(cfg: Config, comm: MPI.Comm, dopt: DistributedOptimizer, fingerprint
         pos.step_in_epoch = pos.step_in_epoch * payload["ranks"] // k
         pos.loss_sum = sum(sums) / k
     if r == 0 and pos.epoch >= cfg.epochs:
-        print(f"resumed from {path}: it has finished {pos.epoch} epochs (--epochs {cfg.epochs}), so there is "
-              f"nothing to train; evaluating it", flush=True)
+        print(f"resumed from {path}: it has finished {pos.epoch} epoch{'s' if pos.epoch != 1 else ''} (--epochs "
+              f"{cfg.epochs}), so there is nothing to train; evaluating it", flush=True)
     elif r == 0:
         print(f"resumed from {path} (epoch {pos.epoch + 1}, step {pos.global_step})", flush=True)
     return pos
@@ -571,10 +571,11 @@ def run(cfg: Config) -> int:
     cfg.validate(comm.Get_size())
     agree(comm, lambda: _check_host(cfg))
     dog = watchdog.install(watchdog.Watchdog(MPI.COMM_WORLD, cfg.stall_warning, cfg.timeout))
-    try:
-        return _train(cfg, dog)
-    finally:
-        watchdog.uninstall()
+    # Closing the watchdog is collective: only after a clean run. After an exception it stays on, and
+    # abort_on_exception either ends every rank together (a UserError all ranks share) or aborts the job.
+    result = _train(cfg, dog)
+    watchdog.uninstall()
+    return result
 
 
 def _check_host(cfg: Config) -> None:

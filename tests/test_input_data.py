@@ -94,3 +94,10 @@ def test_scan_names_the_first_non_finite_row(tmp_path, bad):
     assert src.scan(0, 37, chunk_bytes=64) == (0, 0)  # rows before it are fine, chunk by chunk
     with pytest.raises(DataError, match=r"nan\.npz: X row 37 holds NaN or Inf"):
         src.scan(0, 50, chunk_bytes=64)
+
+
+def test_symlink_loop_inside_a_folder_is_named(tmp_path):
+    np.save(tmp_path / "X.npy", np.zeros((4, 2), np.float32))
+    os.symlink(tmp_path / "y.npy", tmp_path / "y.npy")
+    with pytest.raises(DataError, match=r"y\.npy: not a readable \.npy file .*Too many levels of symbolic links"):
+        ArraySource(str(tmp_path))
