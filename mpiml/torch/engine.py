@@ -183,7 +183,8 @@ class Engine:
         start = tl.now_us()
         for request in new:
             self._pending[request.meta.name] = request
-        plan = self._negotiate(Message([r.meta for r in new], joined, shutdown))
+        recording = tl.enabled or tl.failed
+        plan = self._negotiate(Message([r.meta for r in new], joined, shutdown, recording))
         self.cycles += 1
         if tl.enabled and (new or plan):
             if self.mark_cycles:
@@ -195,7 +196,7 @@ class Engine:
             if response.kind == "shutdown":
                 reason = response.error or ("Horovod has been shut down on this rank." if shutdown
                                             else SHUTDOWN_BY_PEER)
-                self._stop(reason, collective=True)
+                self._stop(reason, collective=True, merge=bool(response.extra))
                 return True
             self._execute(response)
         self._reap_sends()
@@ -292,7 +293,8 @@ class Engine:
             else:
                 r.handle.set_result(results[i] if results is not None else None)
 
-    def _stop(self, reason: str, collective: bool) -> None:
+    def _stop(self, reason: str, collective: bool, merge: bool = False) -> None:
+        """Fail what is pending; ``collective``: every rank stops in this cycle (``merge``: and merges a trace)."""
         with self._cond:
             self.stopped, self.stop_reason = True, reason
             leftovers = list(self._pending.values()) + self._queue
@@ -307,6 +309,8 @@ class Engine:
             return
         self._reap_sends(wait=True)
         try:
-            self.timeline.close(self.comm)  # every rank is here, in the same cycle: merge the trace on rank 0
+            # Every rank is here, in the same cycle: merge the trace on rank 0. Without a trace anywhere, no
+            # collective at all: a rank leaving this last call early could otherwise strand a peer in it.
+            self.timeline.close(self.comm if merge else None)
         finally:
             self.comm.Free()

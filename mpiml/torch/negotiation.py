@@ -76,6 +76,7 @@ class Message:
     requests: list[Meta] = field(default_factory=list)
     joined: bool = False
     shutdown: bool = False
+    timeline: bool = False  # this rank is recording a timeline (to merge at shutdown)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,8 @@ class Response:
     ``metas`` holds one reference ``Meta`` per name (what a joined rank
     needs to contribute its share). ``extra``: allgather, every rank's
     first dimensions (one tuple per tensor); alltoall, the splits matrix
-    (row = sender); join, the rank that joined last.
+    (row = sender); join, the rank that joined last; shutdown, whether any
+    rank records a timeline (the ranks then merge it, collectively).
     """
 
     kind: str
@@ -178,6 +180,7 @@ class Coordinator:
         self.first_seen: dict[str, float] = {}
         self.warned: set[str] = set()
         self.joined: set[int] = set()
+        self.timelines: set[int] = set()
         self.last_joined = -1
         self.shutdown = False
 
@@ -195,6 +198,10 @@ class Coordinator:
                 entry = self.table[meta.name] = {}
                 self.first_seen[meta.name] = now
             entry[rank] = meta
+        if message.timeline:
+            self.timelines.add(rank)
+        else:
+            self.timelines.discard(rank)
         if message.joined:
             self.joined.add(rank)
             self.last_joined = rank
@@ -208,7 +215,7 @@ class Coordinator:
     def plan(self) -> list[Response]:
         """The responses of this cycle (empty if nothing is ready anywhere)."""
         if self.shutdown:
-            return [Response("shutdown", error=self.shutdown_reason)]
+            return [Response("shutdown", error=self.shutdown_reason, extra=bool(self.timelines))]
         plan: list[Response] = []
         runnable: list[tuple[str, Meta]] = []
         for name in self._ready():

@@ -84,3 +84,43 @@ def test_stall_warning_names_the_missing_ranks():
     c.plan()
     c.plan()
     assert len(warnings) == 1 and "'allreduce.w' has waited 61 s for rank 1" in warnings[0]
+
+
+@pytest.mark.mpi(min_size=1)
+def test_stall_shutdown_after_its_time_names_the_name_and_the_missing_ranks():
+    now, warnings = [0.0], []
+    c = Coordinator(3, fusion_threshold=0, stall_seconds=5, clock=lambda: now[0], warn=warnings.append,
+                    shutdown_seconds=20)
+    send(c, 1, ar("w"))
+    now[0] = 10.0
+    assert c.plan() == [] and len(warnings) == 1  # warned, not yet shut down
+    now[0] = 21.0
+    c.plan()
+    plan = c.plan()
+    assert [r.kind for r in plan] == ["shutdown"]
+    assert "'allreduce.w' waited 21 s for ranks 0,2" in plan[0].error
+    assert "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=20" in plan[0].error
+
+
+@pytest.mark.mpi(min_size=1)
+def test_stall_shutdown_is_off_by_default_when_disabled_or_shorter_than_the_warning():
+    now, warnings = [0.0], []
+    for kwargs in ({}, {"stall_seconds": 0, "shutdown_seconds": 1}, {"stall_seconds": 30, "shutdown_seconds": 10}):
+        c = Coordinator(2, fusion_threshold=0, clock=lambda: now[0], warn=warnings.append, **kwargs)
+        send(c, 0, ar("w"))
+        now[0] += 1000.0
+        c.plan()
+        assert c.plan() == [] and not c.shutdown
+    assert any("less than HOROVOD_STALL_CHECK_TIME_SECONDS" in w for w in warnings)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_shutdown_says_whether_any_rank_records_a_timeline():
+    c = Coordinator(2, fusion_threshold=0)
+    send(c, 0, shutdown=True)
+    send(c, 1)
+    assert c.plan()[0].extra is False  # nobody records: the ranks stop without a collective
+    c.timelines.clear()
+    c.receive(0, Message([], shutdown=True, timeline=True))
+    c.receive(1, Message([]))
+    assert c.plan()[0].extra is True
