@@ -191,3 +191,17 @@ def test_every_mpiml_algorithm_and_bad_settings(monkeypatch):
         monkeypatch.undo()
         hvd.shutdown()
         hvd.init()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_shutdown_without_a_timeline_makes_no_collective_call(monkeypatch):
+    # The final trace merge is the only collective at shutdown; when no rank records a trace, a rank that
+    # has finished must not be needed by a peer still inside it (a stranded engine never stops).
+    from mpiml.timeline import Timeline
+    comms = []
+    close = Timeline.close
+    monkeypatch.setattr(Timeline, "close", lambda self, comm=None: comms.append(comm) or close(self, comm))
+    hvd.shutdown()
+    monkeypatch.undo()
+    hvd.init()
+    assert comms == [None]
