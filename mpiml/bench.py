@@ -166,7 +166,8 @@ def calibration_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
     return table
 
 
-def save_calibration(records: list[dict[str, Any]], ranks: int, path: str | None) -> str:
+def save_calibration(records: list[dict[str, Any]], ranks: int | str, path: str | None) -> str:
+    """Save ``auto``'s table under ``ranks``: a rank count on one host, or ``"HxL"`` across hosts."""
     from .collectives import auto
 
     path = path or auto.calibration_path()
@@ -242,10 +243,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
     records = allreduce_table(args.sizes, args.algorithms, args.dtype, args.op, args.iters, args.warmup,
                               args.rounds, args.check, comm, args.raw)
+    key = None
+    if args.command == "calibrate":  # collective: the table's key is the host layout ("K" or "HxL")
+        from .collectives import auto, hier
+        topo = hier.topology(comm.Dup()) if comm.Get_size() > 1 else None
+        key = auto.layout_key(topo.hosts, topo.local_size, comm.Get_size()) if topo else "1"
     if comm.Get_rank() == 0:
         print(format_table(records))
-        if args.command == "calibrate":
-            save_calibration(records, comm.Get_size(), args.output)
+        if key is not None:
+            save_calibration(records, key, args.output)
         if args.json:
             meta = {"ranks": comm.Get_size(), "mpi_library": MPI.Get_library_version().splitlines()[0].strip(),
                     "host": platform.node(), "command": " ".join(sys.argv)}

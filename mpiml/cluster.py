@@ -47,7 +47,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["Cluster", "ClusterError", "parse_rate", "format_rate", "measure_link", "check_environment", "cleanup",
-           "main"]
+           "expected_link_bytes", "main"]
 
 PREFIX = "mpiml-"
 LOCK_PATH = "/tmp/mpiml-netns.lock"
@@ -66,7 +66,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 host="$1"; shift
-exec ip netns exec "$host" unshare --uts sh -c "hostname $host; exec $*"
+exec ip netns exec "$host" unshare --uts sh -c "hostname $host; $*"
 """
 
 
@@ -302,11 +302,60 @@ class Cluster:
             cmd = [mpiexec, "--prtemca", "plm_ssh_agent", self.nslaunch, "--host",
                    ",".join(f"{name}:{c}" for name, c in spec), "--bind-to", "none", "--oversubscribe",
                    "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "eth0",
-                   "--mca", "oob_tcp_if_include", self.bridge + ",eth0", "--mca", "pml", "ob1"]
+                   "--prtemca", "oob_tcp_if_include", f"10.{self.subnet}.0.0/24", "--mca", "pml", "ob1", "--mca", "osc", "^ucx"]
             for k, v in self.env().items():
                 cmd += ["-x", f"{k}={v}"]
             return cmd + ["-n", str(n)]
         raise ClusterError(f"--mpi must be mpich or openmpi, got {mpi!r}")
+
+
+# ---------------------------------------------------------------------- the links' cost model
+
+def _cross_host_bytes(schedule_of: Any, p: int, host_of: Any, itemsize: int) -> int:
+    """Payload bytes of one schedule per rank (``schedule_of(r)``) that cross from one host to another."""
+    total = 0
+    for r in range(p):
+        for s in schedule_of(r).steps:
+            if s.send_to >= 0 and s.send_hi > s.send_lo and host_of(s.send_to) != host_of(r):
+                total += (s.send_hi - s.send_lo) * itemsize
+    return total
+
+
+def expected_link_bytes(algorithm: str, n: int, itemsize: int, hosts: int, per_host: int) -> int | None:
+    """Payload bytes an allreduce of ``n`` elements puts on the hosts' links, as their counters see it.
+
+    Built from the same schedules the algorithms run (ranks numbered host by host, ``per_host`` on
+    each): every send between ranks of different hosts leaves one link and enters another, so it is
+    counted twice (tx at one end, rx at the other). Frame headers and TCP acknowledgements are not
+    included: measured counters run a few per cent above. None for algorithms whose messages are the
+    MPI library's own (``mpi``), which mpiml cannot see."""
+    from .collectives import _chunks, auto, butterfly, ring, tree
+    p = hosts * per_host
+
+    def host_of(r: int) -> int:
+        return r // per_host
+    if algorithm == "auto":
+        algorithm = auto.network_choice(n * itemsize, hosts, per_host)
+    if p == 1 or hosts == 1:
+        return 0
+    if algorithm == "ring":
+        model = _cross_host_bytes(lambda r: ring._allreduce_schedule(n, itemsize, p, r, ring.CHUNK_BYTES,
+                                                                     ring.WINDOW, ring.DEPTH), p, host_of, itemsize)
+    elif algorithm == "tree":
+        model = _cross_host_bytes(lambda r: tree._allreduce_schedule(n, itemsize, p, r, tree.CHUNK_BYTES,
+                                                                     tree.DEPTH), p, host_of, itemsize)
+    elif algorithm == "butterfly":
+        model = _cross_host_bytes(lambda r: butterfly._allreduce_schedule(
+            n, itemsize, p, r, butterfly.CHUNK_BYTES, butterfly.SMALL_BYTES, butterfly.DEPTH), p, host_of, itemsize)
+    elif algorithm == "hier":  # local rank i carries slice i across the hosts, through a ring of ``hosts`` ranks
+        bounds = _chunks.chunk_bounds(n, per_host)
+        model = sum(_cross_host_bytes(
+            lambda h, m=bounds[i + 1] - bounds[i]: ring._allreduce_schedule(m, itemsize, hosts, h, ring.CHUNK_BYTES,
+                                                                            ring.WINDOW, ring.DEPTH),
+            hosts, lambda h: h, itemsize) for i in range(per_host))
+    else:
+        return None
+    return 2 * model
 
 
 # ---------------------------------------------------------------------- measuring a link

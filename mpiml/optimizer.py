@@ -34,6 +34,7 @@ import torch
 from mpi4py import MPI
 
 from . import collectives, guards, mixing, traffic
+from .collectives._schedule import polling
 from .buckets import COMPRESSIONS, GradientBuckets
 from .runtime import UserError
 from .timeline import Timeline
@@ -68,13 +69,16 @@ class _FlatGroup:
         return self.buffer[lo:hi].view(self.shapes[i])
 
 
-def _spare_core(comm: MPI.Comm) -> bool:
+# Between tests of a message that crosses a network: a 256 KiB chunk takes 2 ms on a 1 Gbit/s link.
+NETWORK_POLL_SECONDS = 50e-6
+
+
+def _spare_core(local_size: int) -> bool:
     """Whether a communication thread would get a core of its own: more cores than busy threads on this host.
 
-    Overlap only pays when it does: on a host whose cores are all computing, the thread takes its
-    time from backward (measured in the README)."""
-    from .runtime import local_size
-    return (os.cpu_count() or 1) > local_size() * torch.get_num_threads()
+    On one host overlap only pays when it does: where every core is computing, a thread that
+    busy-polls shared memory takes its time from backward (measured in the README)."""
+    return (os.cpu_count() or 1) > local_size * torch.get_num_threads()
 
 
 def _grouped(params: list[torch.nn.Parameter]) -> dict[torch.dtype, list[int]]:
@@ -144,6 +148,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._bucket_comm = self.comm.Dup() if exact else None
         if exact:
             collectives.private_comm(self._bucket_comm)
+        # How the ranks sit on hosts (collective on comm, cached on it). Across hosts, messages cross a
+        # network: waits test and sleep instead of spinning (mpiml.collectives._schedule.polling), so the
+        # CPU goes to backward and to the kernel's TCP work, and a communication thread costs little.
+        layout = collectives.hier.topology(self._bucket_comm) if exact else None
+        self.hosts = layout.hosts if layout is not None else 1
+        self._poll = NETWORK_POLL_SECONDS if self.hosts > 1 else 0.0
         allocate = self._shared_allocator(grouped) if topology == "hier" and exact else None
         for dtype, idx in grouped.items():
             shapes = [self._params[i].shape for i in idx]
@@ -173,7 +183,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             collectives.private_comm(self.comm)  # made here, not on the communication thread
         self._buckets = GradientBuckets(
             self._params, spans, bucket_bytes, self._reduce, self.comm.Get_size(),
-            (_spare_core(self.comm) if overlap is None else overlap) and exact,
+            ((self.hosts > 1 or _spare_core(layout.local_size)) if overlap is None else overlap) and exact,
             backward_passes_per_step, compression) if exact else None
         self._ps = self._parameter_server(staleness) if topology == "ps" else None
 
@@ -307,7 +317,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._ps = None
 
     def _reduce(self, view: torch.Tensor, op: str, name: str) -> None:
-        collectives.allreduce(view, op=op, algorithm=self.topology, comm=self._bucket_comm, name=name)
+        with polling(self._poll):
+            collectives.allreduce(view, op=op, algorithm=self.topology, comm=self._bucket_comm, name=name)
 
     @property
     def comm_seconds(self) -> float:

@@ -58,19 +58,29 @@ class Method:
         self.opt.step()
 
 
-def ddp_method(model_name: str, comm: MPI.Comm) -> Method:
+def init_gloo(comm: MPI.Comm) -> None:
+    """torch.distributed over gloo, meeting at ``MASTER_ADDR`` (set by mpiml.cluster on emulated hosts)."""
     import torch.distributed as dist
     if not dist.is_initialized():
+        addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
         port = None
         if comm.rank == 0:
             with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
+                s.bind((addr, 0))
                 port = s.getsockname()[1]
         port = comm.bcast(port)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=comm.rank,
-                                world_size=comm.size)
+        dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=comm.rank, world_size=comm.size)
+
+
+def ddp_method(model_name: str, comm: MPI.Comm, hook: str = "none") -> Method:
+    """DDP over gloo with its defaults; ``hook="fp16"`` registers torch's fp16 compression comm hook."""
+    init_gloo(comm)
     model = torch.nn.parallel.DistributedDataParallel(make_model(model_name))
-    return Method("ddp-gloo", model, torch.optim.SGD(model.parameters(), lr=0.01))
+    if hook == "fp16":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    return Method("ddp-gloo" + ("-fp16" if hook == "fp16" else ""), model,
+                  torch.optim.SGD(model.parameters(), lr=0.01))
 
 
 def horovod_method(model_name: str) -> Method | None:
@@ -91,13 +101,19 @@ def build_methods(args: argparse.Namespace, comm: MPI.Comm) -> list[Method]:
     methods.append(Method("compute", model, torch.optim.SGD(model.parameters(), lr=0.01)))
     if comm.size > 1 and not args.no_ddp:
         methods.append(ddp_method(args.model, comm))
+        if args.ddp_fp16:
+            methods.append(ddp_method(args.model, comm, "fp16"))
+    overlaps = {"both": (False, True), "on": (True,), "off": (False,), "default": (None,)}[args.overlap]
     for topology in args.topologies.split(","):
-        for overlap in (False, True):
-            model = make_model(args.model)
-            opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model,
-                                             topology=topology, overlap=overlap, bucket_bytes=args.bucket_bytes,
-                                             compression=args.compression)
-            methods.append(Method(f"mpiml-{topology}" + ("" if overlap else "-sync"), model, opt))
+        for compression in args.compression.split(","):
+            for overlap in overlaps:
+                model = make_model(args.model)
+                opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model,
+                                                 topology=topology, overlap=overlap, bucket_bytes=args.bucket_bytes,
+                                                 compression=compression)
+                suffix = {True: "", False: "-sync", None: "-default"}[overlap]
+                methods.append(Method(f"mpiml-{topology}" + ("" if compression == "none" else f"-{compression}")
+                                      + suffix, model, opt))
     hvd = horovod_method(args.model)
     if hvd is not None:
         methods.append(hvd)
@@ -140,8 +156,13 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--topologies", default="ring,butterfly")
     parser.add_argument("--bucket-bytes", type=int, default=mpiml.optimizer.DEFAULT_BUCKET_BYTES)
-    parser.add_argument("--compression", default="none", choices=["none", "fp16", "bf16"])
+    parser.add_argument("--compression", default="none",
+                        help="comma-separated list of none, fp16, bf16 (each topology is run with each)")
+    parser.add_argument("--overlap", default="both", choices=["both", "on", "off", "default"],
+                        help="run each mpiml method with and/or without overlap (default: both; "
+                             "'default' lets DistributedOptimizer decide)")
     parser.add_argument("--no-ddp", action="store_true")
+    parser.add_argument("--ddp-fp16", action="store_true", help="also DDP with torch's fp16 compression hook")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     torch.set_num_threads(1)

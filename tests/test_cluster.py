@@ -159,3 +159,18 @@ def test_a_cluster_left_by_a_killed_run_is_removed_by_cleanup():
                           timeout=60, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert leftovers(proc.pid) == []
+
+
+def test_link_cost_model_from_the_schedules():
+    n, item = 1 << 20, 4
+    # one rank per host: a ring moves 2(K-1)/K * n out of every host, counted at both ends
+    assert cluster.expected_link_bytes("ring", n, item, 4, 1) == 2 * 4 * (2 * 3 * n * item // 4)
+    assert cluster.expected_link_bytes("butterfly", n, item, 4, 1) == 2 * 4 * (2 * 3 * n * item // 4)
+    # 2 hosts x 2 ranks: the flat ring crosses twice per host, hier carries each slice across once
+    flat = cluster.expected_link_bytes("ring", n, item, 2, 2)
+    hier = cluster.expected_link_bytes("hier", n, item, 2, 2)
+    assert flat == 2 * 2 * (2 * 3 * n * item // 4) and hier == 2 * 2 * n * item
+    assert hier / flat == pytest.approx(2 / 3)
+    assert cluster.expected_link_bytes("tree", n, item, 1, 4) == 0  # one host: nothing crosses
+    assert cluster.expected_link_bytes("mpi", n, item, 4, 1) is None  # the library's messages are unseen
+    assert cluster.expected_link_bytes("auto", n, item, 2, 2) == hier

@@ -24,8 +24,11 @@ are skipped on both sides, which keeps that pairing intact.
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -35,7 +38,8 @@ from .. import traffic
 from ._buffers import Reduction
 from ._chunks import num_pieces, pieces
 
-__all__ = ["Step", "Schedule", "DIRECT", "REDUCE", "FINAL", "run", "send", "recv", "exchange", "DEFAULT_DEPTH"]
+__all__ = ["Step", "Schedule", "DIRECT", "REDUCE", "FINAL", "run", "send", "recv", "exchange", "DEFAULT_DEPTH",
+           "polling", "wait", "poll_interval"]
 
 DIRECT, REDUCE, FINAL = 1, 2, 4
 DEFAULT_DEPTH = 2
@@ -123,6 +127,63 @@ class Schedule:
         return len(self.steps)
 
 
+def _env_interval() -> float | None:
+    text = os.environ.get("MPIML_POLL_US", "").strip()
+    if not text:
+        return None
+    try:
+        us = float(text)
+    except ValueError:
+        raise ValueError(f"MPIML_POLL_US must be a number of microseconds, got {text!r}") from None
+    if not 0 <= us <= 1e6:
+        raise ValueError(f"MPIML_POLL_US must be in [0, 1e6], got {text!r}")
+    return us * 1e-6
+
+
+class _WaitMode(threading.local):
+    """How this thread waits for a message: spin in MPI_Wait (interval 0), or test and sleep ``interval``."""
+
+    def __init__(self) -> None:
+        self.interval = 0.0
+
+
+_ENV_INTERVAL = _env_interval()
+_mode = _WaitMode()
+
+
+def poll_interval() -> float:
+    """The current thread's interval between tests while waiting (0: MPI_Wait, which busy-polls)."""
+    return _ENV_INTERVAL if _ENV_INTERVAL is not None else _mode.interval
+
+
+@contextmanager
+def polling(interval: float) -> Iterator[None]:
+    """Inside, this thread waits for messages by testing and sleeping ``interval`` seconds in between.
+
+    MPI_Wait busy-polls a core until the message is complete. Where messages
+    cross a network that is much slower than the CPU, that core is better
+    spent on computation (backward, other ranks sharing the core) and on the
+    kernel's TCP work; a message of one chunk takes milliseconds on the wire,
+    so waking every few tens of microseconds loses nothing measurable.
+    ``MPIML_POLL_US`` (microseconds, 0 = spin) overrides this everywhere."""
+    previous = _mode.interval
+    _mode.interval = interval
+    try:
+        yield
+    finally:
+        _mode.interval = previous
+
+
+def wait(req: Any) -> None:
+    """Complete one request, spinning or politely (see ``polling``)."""
+    interval = poll_interval()
+    if interval <= 0:
+        req.Wait()
+        return
+    while not req.Test():
+        time.sleep(interval)
+
+
 class _Scratch(threading.local):
     """Per-thread scratch chunks, reused across calls (allocating them each time costs more than small messages)."""
 
@@ -159,7 +220,8 @@ def run(comm: Any, a: np.ndarray, schedule: Schedule, red: Reduction | None) -> 
     traffic.add(schedule.send_elements * a.itemsize)
     temps = _scratch.get(a.dtype, depth, schedule.temp_size) if schedule.temp_size else None
     byte = MPI.BYTE
-    if m == 1:  # one exchange (small butterfly messages at p = 2): skip the request bookkeeping
+    polite = poll_interval() > 0
+    if m == 1 and not polite:  # one exchange (small butterfly messages at p = 2): skip the request bookkeeping
         s = steps[0]
         if s.send_to >= 0 and s.recv_from >= 0 and s.send_hi > s.send_lo and s.recv_hi > s.recv_lo:
             target = temps[0] if s.mode & REDUCE else a[s.recv_lo:s.recv_hi]
@@ -186,7 +248,10 @@ def run(comm: Any, a: np.ndarray, schedule: Schedule, red: Reduction | None) -> 
             reqs[posted] = r
             posted += 1
         for req in reqs[k]:  # (Wait on each: as fast as Waitall for two, and works with any request-like object)
-            req.Wait()
+            if polite:
+                wait(req)
+            else:
+                req.Wait()
         reqs[k] = None
         s = steps[k]
         if s.mode & (REDUCE | FINAL) and s.recv_hi > s.recv_lo:

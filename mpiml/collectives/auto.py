@@ -11,6 +11,16 @@ machine, is used (for K it has no row for, the nearest K it has).
 
 The table is read by rank 0 and broadcast once per communicator, so every
 rank always makes the same choice even if their files differ.
+
+Across hosts the built-in table does not apply: it was measured where
+"communication" is a memory copy. On a communicator whose ranks sit on more
+than one host, a calibration for that layout (key ``"HxL"``: H hosts, L ranks
+on each, written by ``calibrate`` when run on such a layout) is used if there
+is one, and otherwise ``network_choice``: the algorithm that moves the fewest
+bytes over each host's link (``hier`` with several ranks per host, ``ring``
+with one, both at the link bound 2(H-1)/H * n), and the library's own
+Allreduce for messages small enough that latency, not the link, decides
+(measured on the emulated cluster, docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -24,13 +34,29 @@ from mpi4py import MPI
 
 from ._buffers import Reduction
 
-__all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "choose", "calibration_path", "DEFAULT_TABLE"]
+__all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "choose", "calibration_path", "DEFAULT_TABLE",
+           "network_choice", "layout_key", "NETWORK_SMALL_BYTES"]
 
 # Measured with `python -m mpiml.bench calibrate` at 2 ranks (MPICH 5.0.2 wheel, 2-core VM), see README.
 DEFAULT_TABLE: dict[str, list[list[Any]]] = {
     "2": [[2 << 20, "mpi"], [8 << 20, "ring"], [32 << 20, "butterfly"], [None, "tree"]],
 }
 _keyval: int | None = None
+# Up to this size a message over TCP is latency-bound: the library's Allreduce (few messages) wins there.
+NETWORK_SMALL_BYTES = 64 << 10
+_NO_MPI_TYPE = ("bfloat16",)  # no MPI datatype: the library would reduce through a Python user op
+
+
+def network_choice(nbytes: int, hosts: int, per_host: int, dtype: str = "float32") -> str:
+    """``auto``'s choice across hosts when no calibration for the layout exists (see the module docstring)."""
+    if nbytes <= NETWORK_SMALL_BYTES and dtype not in _NO_MPI_TYPE:
+        return "mpi"
+    return "hier" if per_host > 1 else "ring"
+
+
+def layout_key(hosts: int, per_host: int, size: int) -> str:
+    """The calibration table's key for a layout: ``"K"`` on one host, ``"HxL"`` across hosts."""
+    return str(size) if hosts <= 1 else f"{hosts}x{per_host}"
 
 
 def calibration_path() -> str:
@@ -56,31 +82,52 @@ def _load() -> dict[str, list[list[Any]]]:
     return table
 
 
-def _rows(comm: MPI.Comm) -> list[list[Any]]:
+class _Choice:
+    """What ``auto`` knows about one communicator: its table rows, or the host layout for network_choice."""
+
+    def __init__(self, comm: MPI.Comm) -> None:
+        from . import hier
+        table = comm.bcast(_load() if comm.Get_rank() == 0 else None, root=0)
+        size = comm.Get_size()
+        topo = hier.topology(comm) if size > 1 else None
+        self.hosts = topo.hosts if topo is not None else 1
+        self.per_host = topo.local_size if topo is not None and topo.uniform else 1
+        key = layout_key(self.hosts, self.per_host, size)
+        self.rows: list[list[Any]] | None
+        if key in table:
+            self.rows = table[key]
+        elif self.hosts > 1:
+            self.rows = None  # across hosts and not calibrated for this layout: network_choice
+        else:
+            single = [k for k in table if "x" not in k]
+            self.rows = table[min(single, key=lambda k: abs(int(k) - size))]
+
+
+def _choice(comm: MPI.Comm) -> _Choice:
     global _keyval
     if _keyval is None:
         _keyval = MPI.Comm.Create_keyval()
-    rows = comm.Get_attr(_keyval)
-    if rows is None:
-        table = comm.bcast(_load() if comm.Get_rank() == 0 else None, root=0)
-        size = comm.Get_size()
-        key = str(size) if str(size) in table else min(table, key=lambda k: abs(int(k) - size))
-        rows = table[key]
-        comm.Set_attr(_keyval, rows)
-    return rows
+    known = comm.Get_attr(_keyval)
+    if known is None:
+        known = _Choice(comm)
+        comm.Set_attr(_keyval, known)
+    return known
 
 
-def choose(nbytes: int, comm: MPI.Comm) -> str:
-    """The algorithm ``auto`` uses for ``nbytes`` on ``comm``."""
-    for bound, algorithm in _rows(comm):
+def choose(nbytes: int, comm: MPI.Comm, dtype: str = "float32") -> str:
+    """The algorithm ``auto`` uses for ``nbytes`` of ``dtype`` on ``comm`` (collective on its first call)."""
+    known = _choice(comm)
+    if known.rows is None:
+        return network_choice(nbytes, known.hosts, known.per_host, dtype)
+    for bound, algorithm in known.rows:
         if bound is None or nbytes <= bound:
             return algorithm
-    return _rows(comm)[-1][1]
+    return known.rows[-1][1]
 
 
 def allreduce(a: np.ndarray, red: Reduction, comm: Any) -> None:
     from . import ALGORITHMS
-    ALGORITHMS[choose(a.nbytes, comm)].allreduce(a, red, comm)
+    ALGORITHMS[choose(a.nbytes, comm, red.dtype)].allreduce(a, red, comm)
 
 
 def reduce_scatter(a: np.ndarray, red: Reduction, comm: Any) -> tuple[int, int]:

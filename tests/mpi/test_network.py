@@ -1,0 +1,88 @@
+"""Across hosts: auto's choice by host layout, and polite waiting (test, then sleep) giving the same results."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import same_on_all_ranks
+from mpi4py import MPI
+
+import mpiml
+from mpiml import collectives
+from mpiml.collectives import auto
+from mpiml.collectives._schedule import poll_interval, polling
+
+
+def fake_hosts(world, hosts):
+    """A fresh communicator whose ranks act as ``hosts`` hosts (its layout is computed with the setting)."""
+    os.environ["MPIML_FAKE_HOSTS"] = str(hosts)
+    try:
+        comm = world.Dup()
+        collectives.allreduce(np.zeros(1), algorithm="auto", comm=comm)  # auto learns the layout now
+    finally:
+        del os.environ["MPIML_FAKE_HOSTS"]
+    return comm
+
+
+@pytest.mark.mpi(min_size=2)
+def test_auto_across_hosts_takes_the_network_rule(world):
+    comm = fake_hosts(world, 2)
+    private = collectives.private_comm(comm)
+    # two equal hosts of several ranks: hier (1/L of the vector per rank crosses); one rank per host, or
+    # hosts of unequal sizes (3 ranks): the ring
+    expected = "hier" if world.size % 2 == 0 and world.size > 2 else "ring"
+    assert auto.choose(64 << 20, private) == expected
+    assert auto.choose(4 << 10, private) == "mpi"
+    assert auto.choose(4 << 10, private, "bfloat16") != "mpi"  # no MPI type: never the library's user op
+    # one host: the calibrated (or built-in) table, never the network rule
+    one = collectives.private_comm(world.Dup())
+    collectives.allreduce(np.zeros(1), algorithm="auto", comm=one)
+    assert auto._choice(one).hosts == 1 and auto._choice(one).rows is not None
+    comm.Free()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("n", [1001, 300001])
+def test_auto_across_hosts_matches_mpi(world, rng, n):
+    comm = fake_hosts(world, 2)
+    values = rng.standard_normal(n).astype(np.float32)
+    x = values.copy()
+    collectives.allreduce(x, algorithm="auto", comm=comm)
+    want = values.copy()
+    comm.Allreduce(MPI.IN_PLACE, want, MPI.SUM)
+    assert np.allclose(x, want, rtol=1e-5, atol=1e-6)
+    assert same_on_all_ranks(comm, x.tobytes())
+    comm.Free()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("algorithm", ["ring", "tree", "butterfly", "hier"])
+def test_polite_waiting_gives_bitwise_the_same_result(world, rng, algorithm):
+    values = rng.standard_normal(200003).astype(np.float32)
+    spun, polite = values.copy(), values.copy()
+    collectives.allreduce(spun, algorithm=algorithm)
+    assert poll_interval() == 0.0 or os.environ.get("MPIML_POLL_US")
+    with polling(20e-6):
+        assert poll_interval() > 0
+        collectives.allreduce(polite, algorithm=algorithm)
+    assert spun.tobytes() == polite.tobytes()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_optimizer_across_hosts_waits_politely_and_overlaps_by_default(world):
+    os.environ["MPIML_FAKE_HOSTS"] = "2"
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(50, 3)
+        opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, topology="ring")
+    finally:
+        del os.environ["MPIML_FAKE_HOSTS"]
+    assert opt.hosts == 2 and opt._poll > 0 and opt._buckets.overlap
+    g = torch.Generator().manual_seed(world.rank)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 50, generator=g)).sum().backward()
+        opt.step()
+    assert same_on_all_ranks(world, opt.parameter_buffers[0].numpy().tobytes())
+    opt._buckets.close()
