@@ -115,7 +115,8 @@ for t in "${selected[@]}"; do
     fi
     why=""
     if [ "$status" = FAIL ]; then
-        why=$(grep -m1 -E '^E  |Error|exit code|EXIT CODE' "$log" | cut -c1-150)
+        why=$(grep -m1 -E '^E  ' "$log" || grep -m1 -E 'Error|EXIT CODE' "$log")
+        why=$(echo "$why" | sed -E 's/^E +//' | cut -c1-150)
         [ -n "$why" ] || why="exit status $rc"
         why=" -- $why"
     elif [ "$status" = SKIP ]; then

@@ -379,3 +379,28 @@ def test_timeline_records_negotiation_and_allreduce(tmp_path_factory):
     rows = {e["args"]["name"] for e in events if e["name"] == "thread_name"}
     assert "allreduce.test_allreduce" in rows and "engine" in rows
     assert {e["pid"] for e in events} == {comm.rank}
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("cls", [c for c in OPTIMIZERS if c not in (torch.optim.LBFGS, torch.optim.SparseAdam)],
+                         ids=lambda c: c.__name__)
+def test_every_optimizer_with_parameters_unused_on_some_ranks(cls):
+    # Horovod's test_force_allreduce pattern: each rank's loss uses a different head, so every rank has
+    # parameters without a gradient; the step must still finish and leave all ranks with the same model.
+    rank = hvd.rank()
+    bias = cls.__name__ != "Muon"  # Muon takes 2D parameters only
+    torch.manual_seed(3 + rank)  # different initial weights everywhere: broadcast_parameters must fix that
+    model = torch.nn.ModuleDict({"trunk": torch.nn.Linear(6, 5, bias=bias), "head0": torch.nn.Linear(5, 3, bias=bias),
+                                 "head1": torch.nn.Linear(5, 3, bias=bias)})
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    options = dict(lr=0.05, momentum=0.9, weight_decay=0.1, centered=True)
+    accepted = inspect.signature(cls.__init__).parameters
+    opt = hvd.DistributedOptimizer(cls(model.parameters(), **{k: v for k, v in options.items() if k in accepted}),
+                                   named_parameters=model.named_parameters())
+    for step in range(2):
+        opt.zero_grad()
+        x = torch.randn(4, 6, generator=rng(rank, step))
+        model[f"head{rank % 2}"](torch.tanh(model["trunk"](x))).pow(2).sum().backward()
+        opt.step()
+    assert same_everywhere(digest(model.state_dict())), cls.__name__
+    assert same_everywhere(digest(opt.state_dict()["state"])), cls.__name__
