@@ -33,20 +33,31 @@ def stall_shutdown(monkeypatch):
     hvd.init()
 
 
+def _late(kind, tensor):
+    """Start one named op of ``kind`` (Horovod's duplicate-name tests use these three)."""
+    if kind == "allreduce":
+        return hvd.allreduce_async(tensor, name="late", op=hvd.Sum)
+    if kind == "allgather":
+        return hvd.allgather_async(tensor, name="late")
+    return hvd.broadcast_async(tensor, root_rank=0, name="late")
+
+
 @pytest.mark.mpi(min_size=2)
-def test_barrier_completes_while_an_op_is_pending_on_only_some_ranks():
+@pytest.mark.parametrize("kind", ["allreduce", "allgather", "broadcast"])
+def test_barrier_completes_while_an_op_is_pending_on_only_some_ranks(kind):
     size, rank = hvd.size(), hvd.rank()
     inputs = everyone([5, 3], torch.float64, seed=5000)
+    expected = {"allreduce": torch.stack(inputs).sum(0), "allgather": torch.cat(inputs), "broadcast": inputs[0]}[kind]
     handle = None
     if rank == 0:
-        handle = hvd.allreduce_async(inputs[rank], name="late", op=hvd.Sum)
+        handle = _late(kind, inputs[rank])
         with pytest.raises(ValueError, match="same name"):  # a refused call takes a handle, as in Horovod
-            hvd.allreduce_async(inputs[rank], name="late", op=hvd.Sum)
+            _late(kind, inputs[rank])
     hvd.barrier()  # rank 0 has "late" pending; the others have not submitted it yet
     if rank > 0:
-        handle = hvd.allreduce_async(inputs[rank], name="late", op=hvd.Sum)
+        handle = _late(kind, inputs[rank])
     hvd.barrier()
-    torch.testing.assert_close(hvd.synchronize(handle), torch.stack(inputs).sum(0))
+    torch.testing.assert_close(hvd.synchronize(handle), expected)
     assert torch.equal(hvd.allgather(torch.tensor([rank]), name="after"), torch.arange(size))
 
 
