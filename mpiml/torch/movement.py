@@ -21,7 +21,7 @@ from . import basics
 from .basics import Average, global_process_set
 from .compression import Compression, Compressor
 from .ops import allreduce, by_dtype, grouped_allreduce, resolve_op, submit, synchronize
-from .requests import ReduceOp, check_tensor
+from .requests import HorovodInternalError, ReduceOp, check_tensor
 
 __all__ = ["allgather", "allgather_async", "grouped_allgather", "grouped_allgather_async", "broadcast", "broadcast_",
            "broadcast_async", "broadcast_async_", "alltoall", "alltoall_async", "reducescatter",
@@ -255,10 +255,17 @@ def reducescatter_async(tensor: torch.Tensor, name: str | None = None, op: Any =
                         postscale_factor: float = 1.0) -> int:
     """Start reducing ``tensor`` over all ranks, each keeping its share of the first dimension's rows."""
     basics.check_process_set(process_set)
-    op = resolve_op(op, None)
+    op = _scatter_op(op)
     src = _with_rows(tensor, "reducescatter")
     return submit("reducescatter", name, [src], [], _only, op=int(op), prescale=float(prescale_factor),
                   postscale=float(postscale_factor))
+
+
+def _scatter_op(op: Any) -> ReduceOp:
+    """``op`` for a reducescatter; Adasum is refused with a RuntimeError, as Horovod's reducescatter does."""
+    if isinstance(op, int) and op == ReduceOp.Adasum:
+        raise HorovodInternalError("reducescatter does not support op=hvd.Adasum; use hvd.Average or hvd.Sum")
+    return resolve_op(op, None)
 
 
 def _scattered_grad(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
@@ -273,7 +280,7 @@ class HorovodReducescatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, tensor: torch.Tensor, name: str | None, op: Any, process_set: Any,
                 prescale_factor: float, postscale_factor: float) -> torch.Tensor:
-        ctx.op = resolve_op(op, None)
+        ctx.op = _scatter_op(op)
         ctx.process_set = process_set
         ctx.scale = (prescale_factor, postscale_factor)
         return synchronize(reducescatter_async(tensor, name, ctx.op, process_set, prescale_factor, postscale_factor))
@@ -298,7 +305,7 @@ def grouped_reducescatter_async(tensors: list[torch.Tensor], name: str | None = 
                                 postscale_factor: float = 1.0) -> int:
     """Start reducescattering each tensor of a list (one negotiation for the group)."""
     basics.check_process_set(process_set)
-    op = resolve_op(op, None)
+    op = _scatter_op(op)
     srcs = _group(tensors, "grouped_reducescatter")
     return submit("reducescatter", name, srcs, [], _in_input_order(srcs), prefix="grouped_reducescatter",
                   op=int(op), prescale=float(prescale_factor), postscale=float(postscale_factor))
@@ -310,7 +317,7 @@ class HorovodGroupedReducescatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, name: str | None, op: Any, process_set: Any, prescale_factor: float,
                 postscale_factor: float, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.op = resolve_op(op, None)
+        ctx.op = _scatter_op(op)
         ctx.process_set = process_set
         ctx.scale = (prescale_factor, postscale_factor)
         return tuple(synchronize(grouped_reducescatter_async(list(tensors), name, ctx.op, process_set,

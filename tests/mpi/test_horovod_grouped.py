@@ -109,3 +109,14 @@ def test_grouped_forms_refuse_scalars_and_empty_lists_on_every_rank():
     with pytest.raises(ValueError, match="at least one tensor"):
         hvd.grouped_allgather([])
     assert torch.equal(hvd.grouped_allgather([torch.ones(1)], name="after")[0], torch.ones(hvd.size()))
+
+
+@pytest.mark.mpi(min_size=1)
+def test_reducescatter_refuses_adasum_with_a_runtime_error_as_horovod():
+    for call in (lambda: hvd.reducescatter(torch.ones(hvd.size() * 2), op=hvd.Adasum),
+                 lambda: hvd.grouped_reducescatter([torch.ones(hvd.size())], op=hvd.Adasum),
+                 lambda: hvd.reducescatter_async(torch.ones(hvd.size()), op=hvd.Adasum)):
+        with pytest.raises(RuntimeError, match="Adasum"):
+            call()
+    assert torch.equal(hvd.reducescatter(torch.ones(hvd.size()), op=hvd.Sum, name="after adasum"),
+                       torch.full((1,), float(hvd.size())))
