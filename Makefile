@@ -17,7 +17,7 @@ export OMP_NUM_THREADS := 1
 MPI_TEST_TIMEOUT ?= 600
 PYTEST_MPI := -m mpi4py -m pytest --with-mpi -q --color=no -p no:cacheprovider tests/mpi
 
-.PHONY: install install-openmpi test test-unit test-mpi test-openmpi bench train accuracy lint clean
+.PHONY: install install-openmpi test test-unit test-mpi test-openmpi bench bench-cluster train accuracy lint clean
 
 install: $(VENV)/.installed
 install-openmpi: $(OMPI_VENV)/.installed
@@ -66,6 +66,14 @@ bench: install
 	$(VENV)/bin/mpiexec -n 2 $(VENV)/bin/python scripts/bench_allreduce.py --json out/bench_allreduce.json --png out/bench_allreduce.png
 	$(VENV)/bin/mpiexec -n 2 $(VENV)/bin/python scripts/bench_training.py --json out/bench_training.json
 	$(VENV)/bin/python scripts/bench_scaling.py --ranks 1,2 --json out/bench_scaling.json --png out/bench_scaling.png
+
+# The same questions on an emulated cluster (root: network namespaces, tc-shaped 1 Gbit/s links), see docs/cluster.md.
+# Tables on stdout; JSON and PNG under out/cluster*. About 40 minutes on the 2-core machine.
+bench-cluster: install
+	mkdir -p out
+	$(VENV)/bin/python scripts/bench_cluster.py --links 1gbit --layouts 4x1,2x2 --parts allreduce,training --out out/cluster
+	$(VENV)/bin/python scripts/bench_cluster.py --links 1gbit --layouts 4x1 --parts accuracy --out out/cluster-acc
+	$(VENV)/bin/python scripts/bench_cluster.py --links 100mbit --layouts 4x1 --parts allreduce,training --out out/cluster-100
 
 # A default job: 2 ranks, ring allreduce, an MLP on the bundled digits set. Extra flags: make train ARGS="--topology tree"
 train: install

@@ -11,10 +11,15 @@ host has one link to one switch). This kernel has no ``netem``: rate can be
 shaped, delay cannot.
 
 The job is launched through Hydra (MPICH's ``mpiexec``) with a stand-in for
-ssh that enters the namespace, and MPICH is forced off shared memory onto
-TCP over ``eth0`` (``MPIR_CVAR_NOLOCAL=1``, ``UCX_TLS=tcp,self``,
-``UCX_NET_DEVICES=eth0``); with ``--mpi openmpi`` through PRRTE's ssh agent
-and Open MPI's TCP BTL on ``eth0``. Before the job, one link is measured with
+ssh that enters the namespace; each namespace is one node to MPICH (one
+Hydra proxy), so ranks of one host share memory as on a real cluster, and
+``MPI_Comm_split_type(SHARED)`` finds the hosts. UCX, MPICH's network layer,
+would still see one machine and move bytes between hosts through its own
+shared-memory transports; ``UCX_TLS=tcp,self`` and ``UCX_NET_DEVICES=eth0``
+keep it on TCP over the shaped links. (``MPIR_CVAR_NOLOCAL=1`` is not used:
+it also hides the ranks that do share a host, so every rank looks like a
+host of its own.) With ``--mpi openmpi`` the launch goes through PRRTE's
+ssh agent and Open MPI's TCP BTL on ``eth0``. Before the job, one link is measured with
 a TCP stream and the achieved rate is printed. ``MASTER_ADDR`` and
 ``GLOO_SOCKET_IFNAME`` are set for torch.distributed (gloo) jobs, and
 ``MPIML_CLUSTER_LINK_BPS`` for scripts that compare with the link bound.
@@ -293,7 +298,7 @@ class Cluster:
         if mpi == "mpich":
             cmd = [mpiexec, "-launcher", "ssh", "-launcher-exec", self.nslaunch, "-iface", self.bridge,
                    "-hosts", ",".join(f"{name}:{c}" for name, c in spec),
-                   "-genv", "MPIR_CVAR_NOLOCAL", "1", "-genv", "UCX_TLS", "tcp,self", "-genv", "UCX_NET_DEVICES",
+                   "-genv", "UCX_TLS", "tcp,self", "-genv", "UCX_NET_DEVICES",
                    "eth0"]
             for k, v in self.env().items():
                 cmd += ["-genv", k, v]

