@@ -43,11 +43,9 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -307,7 +305,8 @@ class Cluster:
             cmd = [mpiexec, "--prtemca", "plm_ssh_agent", self.nslaunch, "--host",
                    ",".join(f"{name}:{c}" for name, c in spec), "--bind-to", "none", "--oversubscribe",
                    "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "eth0",
-                   "--prtemca", "oob_tcp_if_include", f"10.{self.subnet}.0.0/24", "--mca", "pml", "ob1", "--mca", "osc", "^ucx"]
+                   "--prtemca", "oob_tcp_if_include", f"10.{self.subnet}.0.0/24", "--mca", "pml", "ob1",
+                   "--mca", "osc", "^ucx"]
             for k, v in self.env().items():
                 cmd += ["-x", f"{k}={v}"]
             return cmd + ["-n", str(n)]

@@ -34,8 +34,8 @@ import torch
 from mpi4py import MPI
 
 from . import collectives, guards, mixing, traffic
-from .collectives._schedule import polling
 from .buckets import COMPRESSIONS, GradientBuckets
+from .collectives._schedule import polling
 from .runtime import UserError
 from .timeline import Timeline
 

@@ -148,8 +148,8 @@ def launch(python, extra, tmp_path):
     script.write_text(SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([python, "-m", "mpiml.run", "-np", "2", "--verbose", "--fusion-threshold-mb", "1",
-                           *extra, str(script), "xyz", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+                           *extra, str(script), "xyz", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
 
 
 def ranks_lines(tmp_path):
