@@ -53,6 +53,12 @@ about 1 ms for an idle poller. An idle server thread uses about 2% of a
 core, a worker waiting in ``pull`` about 1% more (measured on 2 cores, both
 MPIs; stats ``server_cpu_seconds`` and ``server_wall_seconds``).
 
+**Failures.** A worker's waits (``push``, ``pull``, ``finish``) are watched
+by the stall watchdog like collectives (every worker makes the same calls
+in the same order), so a worker that stops is named by rank 0 after
+``stall_warning`` seconds and the job ends after ``timeout``. A server
+thread that fails aborts the job with its traceback.
+
 **Termination.** ``finish()`` (every rank) tells every server that this worker
 is done, after its pushes (kept in order), so none is lost. A server stops
 once all K workers are done and its replies delivered; then the shards are
@@ -62,7 +68,6 @@ allgathered into ``params``. Workers may run different numbers of steps.
 from __future__ import annotations
 
 import math
-import sys
 import threading
 import time
 import traceback
@@ -73,6 +78,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from . import watchdog
 from .collectives import chunk_bounds
 
 __all__ = ["ParameterServer", "ShardServer", "POLL_MIN_SECONDS", "POLL_MAX_SECONDS", "BACKOFF"]
@@ -248,6 +254,10 @@ class ParameterServer:
         """Send every server its shard of ``grads`` (flat, same length and dtype as ``params``)."""
         self._check_open("push")
         g = _check_grads(grads, self.params)
+        with watchdog.watch("parameter server push"):
+            self._push(g)
+
+    def _push(self, g: np.ndarray) -> None:
         self.clock += 1
         if self._others:
             _wait(self._push_requests)  # the previous push's buffers are free again
@@ -265,6 +275,10 @@ class ParameterServer:
     def pull(self) -> None:
         """Refresh ``params`` in place from all servers; blocks until the staleness bound allows it."""
         self._check_open("pull")
+        with watchdog.watch("parameter server pull"):
+            self._pull()
+
+    def _pull(self) -> None:
         start = time.perf_counter()
         b, header = self.bounds, np.array([self.clock], dtype=np.int64)
         requests = [self._replies.Irecv([self._flat[b[s]:b[s + 1]], self._type], source=s, tag=REPLY)
@@ -281,6 +295,10 @@ class ParameterServer:
     def finish(self) -> None:
         """Collective: this worker is done; servers drain and stop; ``params`` gets the final parameters."""
         self._check_open("finish")
+        with watchdog.watch("parameter server finish"):
+            self._finish()
+
+    def _finish(self) -> None:
         self.finished = True
         final = np.array([self.clock], dtype=np.int64)
         requests = [self._requests.Isend([final, MPI.INT64_T], dest=s, tag=DONE) for s in self._others]
@@ -328,9 +346,8 @@ class ParameterServer:
         try:
             self._serve_until_done()
         except BaseException:  # noqa: BLE001 - workers would wait forever for this server: end the job
-            sys.stderr.write(f"[rank {self.rank}] mpiml.ps: server thread failed\n" + traceback.format_exc())
-            sys.stderr.flush()
-            MPI.COMM_WORLD.Abort(1)
+            from .runtime import abort
+            abort(1, f"[rank {self.rank}] mpiml.ps: server thread failed\n" + traceback.format_exc())
 
     def _serve_until_done(self) -> None:
         comm, server, status = self._requests, self.server, MPI.Status()

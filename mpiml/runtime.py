@@ -1,20 +1,42 @@
-"""Process-wide MPI state: init, rank and size, and errors that every rank must see."""
+"""Process-wide MPI state: init, rank and size, and errors that every rank must see.
+
+How a job ends when something goes wrong on some ranks:
+
+- ``UserError`` (bad input, agreed by every rank through ``agree`` or a
+  broadcast): rank 0 prints one ``error:`` line and every rank exits with
+  status 2. If the other ranks do not end with it within
+  ``ENDING_GRACE_SECONDS`` (an error raised on one rank alone), the job is
+  aborted instead, so nobody waits in a collective for a rank that left.
+- Any other exception on any rank (and, after ``init()``, an uncaught one in
+  a user script): that rank prints its traceback and aborts the whole job
+  at once (``abort``).
+- ``abort`` flushes every stream and waits ``ABORT_GRACE_SECONDS`` before
+  ``MPI_Abort``: the launcher kills every process as soon as one aborts, and
+  output still on its way through the launcher's pipes is lost otherwise.
+"""
 
 from __future__ import annotations
 
 import atexit
+import ctypes
+import os
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import Any, NoReturn, TypeVar
 
 from mpi4py import MPI
 
 __all__ = ["init", "is_initialized", "rank", "size", "local_rank", "local_size", "world", "UserError",
-           "agree", "abort_on_exception"]
+           "agree", "abort_on_exception", "abort", "ABORT_GRACE_SECONDS", "ENDING_GRACE_SECONDS"]
 
 T = TypeVar("T")
 _local: MPI.Comm | None = None
+ABORT_GRACE_SECONDS = 1.0  # for the launcher to forward what was printed before the abort kills everyone
+ENDING_GRACE_SECONDS = 10.0  # for every rank to reach the end after an error that should be everyone's
 
 
 class UserError(ValueError):
@@ -40,6 +62,49 @@ def init(threads: int | None = None, stall_warning: float = 60.0, timeout: float
     if watchdog.active() is None and (stall_warning > 0 or timeout > 0):
         watchdog.install(watchdog.Watchdog(MPI.COMM_WORLD, stall_warning, timeout))
         atexit.register(watchdog.uninstall)  # before mpi4py finalizes MPI (atexit runs last-in, first-out)
+    if MPI.COMM_WORLD.Get_size() > 1 and sys.excepthook is sys.__excepthook__:
+        sys.excepthook = _abort_on_uncaught  # the other ranks would wait for this one in their next collective
+
+
+def _abort_on_uncaught(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+    r = MPI.COMM_WORLD.Get_rank()
+    text = "".join(traceback.format_exception(kind, value, tb))
+    abort(1, f"[rank {r}] {text}mpiml: uncaught {kind.__name__} on rank {r}; aborting the job")
+
+
+def _flush_everything() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    try:  # C stdio buffers too (the MPI library's and extensions' own prints)
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
+    for fd in (1, 2):
+        try:
+            os.fsync(fd)  # a file: on disk; a pipe or terminal refuses (EINVAL), which is fine
+        except OSError:
+            pass
+
+
+def abort(code: int, message: str | None = None, comm: MPI.Comm | None = None) -> NoReturn:
+    """End the whole job with ``code``: print ``message`` (stderr), flush, give the launcher
+    ABORT_GRACE_SECONDS to deliver it, then ``MPI_Abort``; ``os._exit`` if that does not end this process."""
+    if message:
+        try:
+            sys.stderr.write(message if message.endswith("\n") else message + "\n")
+        except (OSError, ValueError):
+            pass
+    _flush_everything()
+    time.sleep(ABORT_GRACE_SECONDS)
+    _flush_everything()
+    leave = threading.Timer(10.0, os._exit, args=(code,))  # a launcher out of reach must not keep us
+    leave.daemon = True
+    leave.start()
+    (comm or MPI.COMM_WORLD).Abort(code)
+    os._exit(code)
 
 
 def is_initialized() -> bool:
@@ -106,19 +171,30 @@ def abort_on_exception(fn: Callable[[], int], prog: str = "mpiml") -> int:
 
     Any other exception on any rank prints its traceback (that rank only)
     and aborts the whole job, so the other ranks do not hang in their next
-    collective.
+    collective. A UserError that the other ranks do not share (they do not
+    end within ENDING_GRACE_SECONDS) also aborts the job, after printing it.
     """
     comm = MPI.COMM_WORLD
+    r = comm.Get_rank()
     try:
         return fn()
     except UserError as e:
-        if comm.Get_rank() == 0:
+        if r == 0:
             print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        if not _ending_together():
+            abort(2, (f"{prog}: error on rank {r}: {e}\n" if r != 0 else "") +
+                  f"{prog}: rank {r}: the other ranks did not end with this error within "
+                  f"{ENDING_GRACE_SECONDS:g} s; aborting the job")
         return 2
     except SystemExit:
         raise
-    except BaseException:  # noqa: BLE001 - anything else must bring every rank down
-        sys.stderr.write(f"[rank {comm.Get_rank()}] " + traceback.format_exc())
-        sys.stderr.flush()
-        comm.Abort(1)
-        return 1
+    except BaseException as e:  # noqa: BLE001 - anything else must bring every rank down
+        abort(1, f"[rank {r}] {traceback.format_exc()}{prog}: {type(e).__name__} on rank {r}; aborting the job")
+
+
+def _ending_together() -> bool:
+    """Whether every rank reaches the end (closing the watchdog, collectively) within ENDING_GRACE_SECONDS."""
+    from . import watchdog
+    if watchdog.active() is None or MPI.COMM_WORLD.Get_size() == 1:
+        return True
+    return watchdog.uninstall(grace=ENDING_GRACE_SECONDS)

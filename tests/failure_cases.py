@@ -35,8 +35,9 @@ def run(cmd: list[str], timeout: float = 120, **kwargs) -> tuple[subprocess.Comp
     return done, time.monotonic() - start
 
 
-def rank_pids(marker: str) -> list[int]:
-    """PIDs of the Python rank processes whose command line contains ``marker`` (not mpiexec, not proxies)."""
+def rank_pids(marker: str, program: bytes = b"mpiml.train") -> list[int]:
+    """PIDs of the Python rank processes whose command line contains ``marker`` (not mpiexec, not proxies)
+    and ``program`` (as an argument of its own)."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -46,7 +47,7 @@ def rank_pids(marker: str) -> list[int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if argv and argv[0].endswith(b"python") and any(marker.encode() in a for a in argv) and b"mpiml.train" in argv:
+        if argv and argv[0].endswith(b"python") and any(marker.encode() in a for a in argv) and program in argv:
             pids.append(int(entry))
     return sorted(pids)
 

@@ -6,8 +6,12 @@ Runs under whichever MPI the interpreter's environment holds: MPICH in `make tes
 
 import json
 import os
+import re
+import signal
 import subprocess
 import textwrap
+import threading
+import time
 
 import pytest
 from failure_cases import CASES, ROOT, check, kill_a_rank_mid_training, mpiexec, rank_pids, run, train_cmd
@@ -98,3 +102,149 @@ def test_a_rank_that_runs_out_of_batches_early_is_caught_by_the_watchdog(tmp_pat
 def test_no_processes_left_behind():
     assert rank_pids("mpiml.train") == []
     assert ROOT
+
+
+# ---------------------------------------------------------------- issue 11: hangs and lost messages
+
+
+def write_script(tmp_path, name, body):
+    script = tmp_path / name
+    script.write_text(textwrap.dedent(body))
+    return [os.sys.executable, str(script)]
+
+
+def run_from(cmd, marker, timeout=120):
+    """Run a job; return (return code, stdout, stderr, seconds from the first output line containing ``marker``
+    to the end of the job). Times are taken from an event, not from the launch: startup on a loaded machine
+    varies by tens of seconds."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    seen, lines = [], {"out": [], "err": []}
+
+    def read(stream, key):
+        for line in stream:
+            lines[key].append(line)
+            if marker in line and not seen:
+                seen.append(time.monotonic())
+    readers = [threading.Thread(target=read, args=(proc.stdout, "out")),
+               threading.Thread(target=read, args=(proc.stderr, "err"))]
+    for t in readers:
+        t.start()
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        ended = time.monotonic()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the job (nothing, normally)
+        except ProcessLookupError:
+            pass
+        for t in readers:
+            t.join()
+    return proc.returncode, "".join(lines["out"]), "".join(lines["err"]), ended - seen[0] if seen else None
+
+
+@pytest.mark.parametrize("staleness", ["0", "2"])
+def test_parameter_server_waiting_for_a_hung_worker_is_watched(staleness):
+    """A worker that stops leaves the others waiting in pull(): the watchdog names it and ends the job."""
+    args = ["--topology", "ps", "--staleness", staleness, "--epochs", "2", "--fault", "hang:1:8",
+            "--stall-warning", "2", "--timeout", "8"]
+    code, _, err, after_warning = run_from(train_cmd(3, *args), "mpiml watchdog: stall:", timeout=180)
+    assert code != 0
+    assert re.search(r"stall: collective #\d+ \(parameter server pull, step \d+\) has waited \d+ s for rank 1\b",
+                     err), err[-3000:]
+    assert "(--timeout 8); aborting the job" in err
+    assert after_warning < 8 - 2 + 10, after_warning  # the warning comes 2 s into the wait, the end by 8 + 10
+
+
+def test_an_exception_on_one_rank_of_a_script_ends_the_job_with_its_traceback(tmp_path):
+    """Rank 0 alone fails (as writing metrics into a directory does) while the others sit in a collective."""
+    cmd = write_script(tmp_path, "one_fails.py", f"""
+        import numpy as np, mpiml
+        from mpiml import collectives
+        mpiml.init(stall_warning=0, timeout=120)
+        for step in range(1000000):
+            if mpiml.rank() == 0 and step == 20:
+                print("rank 0 fails now", flush=True)
+                open({str(tmp_path)!r}, "w")  # a directory: IsADirectoryError
+            collectives.allreduce(np.ones(10), name=f"step {{step}}")
+    """)
+    code, _, err, after_failure = run_from(mpiexec(3) + cmd, "rank 0 fails now", timeout=200)
+    assert code != 0
+    assert "IsADirectoryError" in err and "[rank 0] Traceback" in err, err[-3000:]
+    assert after_failure < 10, after_failure
+
+
+def test_every_rank_failing_at_once_shows_every_traceback(tmp_path):
+    """MPI_Abort must not cut off what a rank printed just before it (issue 11, #11)."""
+    cmd = write_script(tmp_path, "all_fail.py", """
+        import sys, mpiml
+        from mpiml.runtime import abort_on_exception
+        mpiml.init(stall_warning=0, timeout=120)
+        def main():
+            raise RuntimeError(f"boom on rank {mpiml.rank()}")
+        sys.exit(abort_on_exception(main))
+    """)
+    done, _ = run(mpiexec(3) + cmd, timeout=60)
+    assert done.returncode != 0
+    for r in range(3):
+        assert f"RuntimeError: boom on rank {r}" in done.stderr, done.stderr[-3000:]
+
+
+def rank_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+    except OSError:
+        return None
+    for key in (b"PMI_RANK", b"OMPI_COMM_WORLD_RANK"):
+        if key in env:
+            return int(env[key])
+    return None
+
+
+def test_sigint_to_rank_0_alone_ends_the_training_job_with_its_traceback(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    proc = subprocess.Popen(train_cmd(2, "--epochs", "200", "--metrics", str(metrics), "--timeout", "120"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rank0 = [p for p in rank_pids(str(metrics)) if rank_of(p) == 0]
+        assert rank0, "rank 0 not found"
+        os.kill(rank0[0], signal.SIGINT)
+        interrupted = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+        ended = time.monotonic() - interrupted
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert "KeyboardInterrupt" in err and "[rank 0] Traceback" in err, err[-3000:]
+    assert ended < 15, ended
+
+
+def test_a_frozen_rank_is_named_by_the_watchdog(tmp_path):
+    """Rank 1 is stopped (SIGSTOP) inside a collective: rank 0 names it, not 'the network'."""
+    cmd = write_script(tmp_path, "frozen.py", """
+        import os, signal, numpy as np, mpiml
+        from mpi4py import MPI
+        from mpiml import collectives, watchdog
+        mpiml.init(stall_warning=1, timeout=6)
+        collectives.allreduce(np.ones(4))
+        with watchdog.watch("frozen here"):
+            MPI.COMM_WORLD.Barrier()
+            if mpiml.rank() == 1:
+                os.kill(os.getpid(), signal.SIGSTOP)
+            MPI.COMM_WORLD.Barrier()
+    """)
+    proc = subprocess.Popen(mpiexec(2) + cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        for pid in rank_pids("", program=cmd[1].encode()):
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+    assert proc.returncode != 0
+    assert re.search(r"rank 1 has not been heard from for \d+ s \(stopped or frozen\?\)", err), err[-3000:]
+    assert "(--timeout 6); aborting the job" in err
