@@ -150,7 +150,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             collectives.private_comm(self._bucket_comm)
         # How the ranks sit on hosts (collective on comm, cached on it). Across hosts, messages cross a
         # network: waits test and sleep instead of spinning (mpiml.collectives._schedule.polling), so the
-        # CPU goes to backward and to the kernel's TCP work, and a communication thread costs little.
+        # CPU goes to backward, to other ranks and to the kernel's TCP work (docs/cluster.md).
         layout = collectives.hier.topology(self._bucket_comm) if exact else None
         self.hosts = layout.hosts if layout is not None else 1
         self._poll = NETWORK_POLL_SECONDS if self.hosts > 1 else 0.0
@@ -183,7 +183,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             collectives.private_comm(self.comm)  # made here, not on the communication thread
         self._buckets = GradientBuckets(
             self._params, spans, bucket_bytes, self._reduce, self.comm.Get_size(),
-            ((self.hosts > 1 or _spare_core(layout.local_size)) if overlap is None else overlap) and exact,
+            (_spare_core(layout.local_size) if overlap is None else overlap) and exact,
             backward_passes_per_step, compression) if exact else None
         self._ps = self._parameter_server(staleness) if topology == "ps" else None
 

@@ -1,0 +1,82 @@
+"""Markdown tables from ``scripts/bench_cluster.py``'s summary.json files (the tables in docs/cluster.md).
+
+    python scripts/cluster_report.py out/cluster/summary.json [out/cluster-acc/summary.json ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def allreduce_table(run: dict) -> str:
+    records = run["allreduce"]["records"]
+    names = [n for n in dict.fromkeys(r["algorithm"] for r in records) if n != "MPI_Allreduce"] + ["MPI_Allreduce"]
+    by = {(r["size_bytes"], r["algorithm"]): r for r in records}
+    lines = ["| size | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for size in sorted({r["size_bytes"] for r in records}):
+        cells = []
+        for n in names:
+            f = by.get((size, n), {}).get("fraction_of_link_bound")
+            cells.append(f"{f:.2f}" if f else "-")
+        label = f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("| algorithm | bytes on the links (largest size, all hosts, both directions) | x cost model |")
+    lines.append("|---|---|---|")
+    for row in run["allreduce"]["link_bytes"]:
+        ratio = f"{row['ratio_to_model']:.3f}" if row["ratio_to_model"] else "(library's own messages)"
+        lines.append(f"| `{row['algorithm']}` | {row['link_bytes'] / 1e6:.1f} MB | {ratio} |")
+    return "\n".join(lines)
+
+
+def training_table(run: dict) -> str:
+    rows = run["training"]["rows"]
+    bound = run["gradient_link_bound_ms"]
+    step = {r["method"]: r["step_ms"] for r in rows}
+    compute, ddp, ddp16 = step["compute"], step["ddp-gloo"], step.get("ddp-gloo-fp16")
+    lines = [f"compute alone {compute:.1f} ms; the gradient's link bound {bound:.1f} ms; "
+             f"DDP-gloo {ddp:.1f} ms" + (f"; DDP-gloo with its fp16 hook {ddp16:.1f} ms" if ddp16 else ""), "",
+             "| method | step (ms) | exposed comm (ms) | x (compute + bound) | x DDP | x DDP fp16 |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r["step_ms"]
+        lines.append(f"| {r['method']} | {t:.1f} | {t - compute:.1f} | {t / (compute + bound):.2f} | "
+                     f"{t / ddp:.2f} | " + (f"{t / ddp16:.2f}" if ddp16 else "-") + " |")
+    return "\n".join(lines)
+
+
+def accuracy_table(run: dict) -> str:
+    lines = []
+    for dataset, rows in run["accuracy"].items():
+        target = rows[0]["target"]
+        lines += [f"{dataset} (target {100 * target:.0f}%):", "",
+                  "| strategy | rank K-1 slowed | seconds to target | final accuracy | MB sent per rank |",
+                  "|---|---|---|---|---|"]
+        for r in rows:
+            t = r["seconds_to_target"]
+            lines.append(f"| {r['strategy']} | {r['straggler']}x | {'never' if t is None else f'{t:.1f}'} | "
+                         f"{100 * r['final_accuracy']:.2f}% | {(r['bytes_sent_per_rank'] or 0) / 1e6:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    for path in sys.argv[1:]:
+        with open(path) as f:
+            summary = json.load(f)
+        for run in summary["runs"]:
+            head = (f"### {run['hosts']} hosts x {run['ranks_per_host']} ranks, {run['link']} "
+                    f"(measured {run['measured_bps'] / 1e6:.0f} Mbit/s)")
+            print(head + "\n")
+            if "allreduce" in run:
+                print("Allreduce, fraction of the link bound:\n\n" + allreduce_table(run) + "\n")
+            if "training" in run:
+                print("Training step:\n\n" + training_table(run) + "\n")
+            if "accuracy" in run:
+                print("Time to accuracy:\n\n" + accuracy_table(run) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
