@@ -2,8 +2,15 @@ import numpy as np
 import pytest
 import torch
 
-from mpiml.collectives._buffers import (DTYPES, InputError, flatten, float16_mean_may_overflow, prescale, reduction,
-                                       write_back)
+from mpiml.collectives._buffers import (
+    DTYPES,
+    InputError,
+    flatten,
+    float16_mean_may_overflow,
+    prescale,
+    reduction,
+    write_back,
+)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "int32", "int64"])

@@ -47,8 +47,24 @@ from mpi4py import MPI
 
 from .. import watchdog
 from . import auto, butterfly, hier, mpi, ring, tree
-from ._buffers import (DTYPES, E_ALGORITHM, E_NAME, E_ROOT, E_ROOT_TYPE, E_TYPE, ERROR_TEXT, OPS, Flat, InputError,
-                       flatten, float16_mean_may_overflow, like, prescale, reduction, write_back)
+from ._buffers import (
+    DTYPES,
+    E_ALGORITHM,
+    E_NAME,
+    E_ROOT,
+    E_ROOT_TYPE,
+    E_TYPE,
+    ERROR_TEXT,
+    OPS,
+    Flat,
+    InputError,
+    flatten,
+    float16_mean_may_overflow,
+    like,
+    prescale,
+    reduction,
+    write_back,
+)
 from ._chunks import chunk_bounds
 
 __all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "ALGORITHMS", "Algorithm", "CollectiveError",
