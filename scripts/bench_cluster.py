@@ -40,7 +40,8 @@ from study_common import DATASETS, STRATEGIES, time_to  # noqa: E402
 from mpiml.cluster import Cluster, measure_link  # noqa: E402
 
 ACCURACY_STRATEGIES = "ring,butterfly-mixing,local-sgd-H4,local-sgd-H16,ps-S0,ps-S4,ps-async"
-TARGETS = {"digits": 0.95, "synthetic": 0.72}
+# synthetic: its ceiling with this model is about 80%, and the first epoch already reaches 78%
+TARGETS = {"digits": 0.95, "synthetic": 0.79}
 # The synthetic set trimmed so that each job stays short over a shaped network (its ceiling is about 76%).
 ACCURACY_DATA = {"digits": DATASETS["digits"],
                  "synthetic": ["--dataset", "synthetic", "--samples", "10000", "--features", "32", "--classes", "10"]}
@@ -180,22 +181,26 @@ def plot_accuracy(results: dict, path: str, title: str) -> None:
     plt = _plt()
     datasets = list(results)
     fig, axes = plt.subplots(len(datasets), 2, figsize=(12, 3.8 * len(datasets)), squeeze=False)
+    strategies = list(dict.fromkeys(r["strategy"] for rows in results.values() for r in rows))
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(strategies)}
     for i, dataset in enumerate(datasets):
+        accs = [100 * p["accuracy"] for r in results[dataset] for p in r["curve"]]
         for row in results[dataset]:
             style = "-" if row["straggler"] == 1 else ":"
             label = row["strategy"] + ("" if row["straggler"] == 1 else f" (rank slowed {row['straggler']}x)")
             curve = row["curve"]
             acc = [100 * p["accuracy"] for p in curve]
-            line, = axes[i][0].plot([p["seconds"] for p in curve], acc, style, marker=".", label=label)
-            axes[i][1].plot([p["bytes"] or 0 for p in curve], acc, style, marker=".", color=line.get_color())
+            color = colors[row["strategy"]]
+            axes[i][0].plot([p["seconds"] for p in curve], acc, style, marker=".", label=label, color=color)
+            axes[i][1].plot([p["bytes"] or 0 for p in curve], acc, style, marker=".", color=color)
         for j, xlabel in enumerate(("training seconds (wall clock)", "bytes sent per rank")):
             ax = axes[i][j]
             ax.axhline(100 * TARGETS[dataset], color="k", lw=0.6, ls="--")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(f"{dataset}: test accuracy %")
             ax.grid(True, alpha=0.3)
-            lo = min((100 * p["accuracy"] for r in results[dataset] for p in r["curve"]), default=0)
-            ax.set_ylim(max(lo, 100 * TARGETS[dataset] - 25), 100)
+            if accs:
+                ax.set_ylim(max(min(accs), 100 * TARGETS[dataset] - 15) - 0.5, max(accs) + 0.5)
         axes[i][1].set_xscale("log")
         axes[i][0].legend(fontsize=6, ncol=2)
     fig.suptitle(title)

@@ -1,12 +1,20 @@
 """Markdown tables from ``scripts/bench_cluster.py``'s summary.json files (the tables in docs/cluster.md).
 
-    python scripts/cluster_report.py out/cluster/summary.json [out/cluster-acc/summary.json ...]
+    python scripts/cluster_report.py out/cluster/summary.json [out/cluster-acc/summary.json ...] [--plots DIR]
+
+Times to a target accuracy are recomputed from the stored curves with ``bench_cluster.TARGETS``, and
+``--plots DIR`` redraws every plot into DIR.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_cluster  # noqa: E402
 
 
 def allreduce_table(run: dict) -> str:
@@ -49,7 +57,10 @@ def training_table(run: dict) -> str:
 def accuracy_table(run: dict) -> str:
     lines = []
     for dataset, rows in run["accuracy"].items():
-        target = rows[0]["target"]
+        target = bench_cluster.TARGETS[dataset]
+        for r in rows:
+            r["target"] = target
+            r["seconds_to_target"] = next((p["seconds"] for p in r["curve"] if p["accuracy"] >= target), None)
         lines += [f"{dataset} (target {100 * target:.0f}%):", "",
                   "| strategy | rank K-1 slowed | seconds to target | final accuracy | MB sent per rank |",
                   "|---|---|---|---|---|"]
@@ -61,11 +72,32 @@ def accuracy_table(run: dict) -> str:
     return "\n".join(lines)
 
 
+def plots(run: dict, out: str) -> None:
+    tag = f"{run['hosts']}x{run['ranks_per_host']}-{run['link']}"
+    where = f"{run['hosts']} hosts x {run['ranks_per_host']} ranks, {run['link']} links"
+    if "allreduce" in run:
+        bench_cluster.plot_allreduce(run["allreduce"], os.path.join(out, f"allreduce-{tag}.png"),
+                                     f"allreduce, {where}")
+    if "training" in run:
+        bench_cluster.plot_training(run["training"], os.path.join(out, f"training-{tag}.png"), f"MLP step, {where}",
+                                    run["gradient_link_bound_ms"])
+    if "accuracy" in run:
+        bench_cluster.plot_accuracy(run["accuracy"], os.path.join(out, f"accuracy-{tag}.png"),
+                                    f"time to accuracy, {where}")
+
+
 def main() -> int:
-    for path in sys.argv[1:]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("summaries", nargs="+")
+    parser.add_argument("--plots", metavar="DIR", help="redraw the plots into DIR")
+    args = parser.parse_args()
+    for path in args.summaries:
         with open(path) as f:
             summary = json.load(f)
         for run in summary["runs"]:
+            if args.plots:
+                os.makedirs(args.plots, exist_ok=True)
+                plots(run, args.plots)
             head = (f"### {run['hosts']} hosts x {run['ranks_per_host']} ranks, {run['link']} "
                     f"(measured {run['measured_bps'] / 1e6:.0f} Mbit/s)")
             print(head + "\n")
