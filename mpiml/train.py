@@ -736,8 +736,9 @@ def _report_epoch(run: _Run, epoch: int, steps: int, loss_sum: float, wall: floa
     cfg, comm, dopt = run.cfg, run.comm, run.dopt
     k = comm.Get_size()
     mixed = cfg.replicas_differ
-    run.accuracy = _evaluate_average(run.model, dopt, run.test, comm) if mixed else _evaluate(run.model, run.test,
-                                                                                              comm)
+    with traffic.uncounted():  # measuring is not training: bytes_sent_per_rank counts the strategy's traffic only
+        run.accuracy = _evaluate_average(run.model, dopt, run.test, comm) if mixed else _evaluate(run.model, run.test,
+                                                                                                  comm)
     totals = np.array([loss_sum, steps, wall - exposed, comm_time, exposed], dtype=np.float64)
     comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
     record = {
@@ -749,7 +750,8 @@ def _report_epoch(run: _Run, epoch: int, steps: int, loss_sum: float, wall: floa
         "bytes_sent_per_rank": comm.allreduce(traffic.sent(), op=MPI.SUM) / k,
     }
     if mixed:
-        record["replica_drift"] = mixing.replica_drift(dopt.parameter_buffers, comm)
+        with traffic.uncounted():
+            record["replica_drift"] = mixing.replica_drift(dopt.parameter_buffers, comm)
     if dopt.skipped_steps:
         record["skipped_steps"] = len(dopt.skipped_steps)
     run.log.write(record)
