@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 BIN = os.path.dirname(sys.executable)
@@ -33,6 +34,36 @@ def run(cmd: list[str], timeout: float = 120, **kwargs) -> tuple[subprocess.Comp
     start = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kwargs)
     return done, time.monotonic() - start
+
+
+def run_from(cmd, marker, timeout=120):
+    """Run a job; return (return code, stdout, stderr, seconds from the first output line containing ``marker``
+    to the end of the job). Times are taken from an event, not from the launch: startup on a loaded machine
+    varies by tens of seconds."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    seen, lines = [], {"out": [], "err": []}
+
+    def read(stream, key):
+        for line in stream:
+            lines[key].append(line)
+            if marker in line and not seen:
+                seen.append(time.monotonic())
+    readers = [threading.Thread(target=read, args=(proc.stdout, "out")),
+               threading.Thread(target=read, args=(proc.stderr, "err"))]
+    for t in readers:
+        t.start()
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        ended = time.monotonic()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the job (nothing, normally)
+        except ProcessLookupError:
+            pass
+        for t in readers:
+            t.join()
+    return proc.returncode, "".join(lines["out"]), "".join(lines["err"]), ended - seen[0] if seen else None
 
 
 def rank_pids(marker: str, program: bytes = b"mpiml.train") -> list[int]:

@@ -10,11 +10,10 @@ import re
 import signal
 import subprocess
 import textwrap
-import threading
 import time
 
 import pytest
-from failure_cases import CASES, ROOT, check, kill_a_rank_mid_training, mpiexec, rank_pids, run, train_cmd
+from failure_cases import CASES, ROOT, check, kill_a_rank_mid_training, mpiexec, rank_pids, run, run_from, train_cmd
 
 from mpiml import checkpoint
 
@@ -111,36 +110,6 @@ def write_script(tmp_path, name, body):
     script = tmp_path / name
     script.write_text(textwrap.dedent(body))
     return [os.sys.executable, str(script)]
-
-
-def run_from(cmd, marker, timeout=120):
-    """Run a job; return (return code, stdout, stderr, seconds from the first output line containing ``marker``
-    to the end of the job). Times are taken from an event, not from the launch: startup on a loaded machine
-    varies by tens of seconds."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    seen, lines = [], {"out": [], "err": []}
-
-    def read(stream, key):
-        for line in stream:
-            lines[key].append(line)
-            if marker in line and not seen:
-                seen.append(time.monotonic())
-    readers = [threading.Thread(target=read, args=(proc.stdout, "out")),
-               threading.Thread(target=read, args=(proc.stderr, "err"))]
-    for t in readers:
-        t.start()
-    try:
-        proc.wait(timeout=timeout)
-    finally:
-        ended = time.monotonic()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the job (nothing, normally)
-        except ProcessLookupError:
-            pass
-        for t in readers:
-            t.join()
-    return proc.returncode, "".join(lines["out"]), "".join(lines["err"]), ended - seen[0] if seen else None
 
 
 @pytest.mark.parametrize("staleness", ["0", "2"])
