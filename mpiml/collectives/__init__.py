@@ -124,46 +124,41 @@ def private_comm(comm: MPI.Comm | None) -> MPI.Comm:
 
 # ---------------------------------------------------------------- one thread at a time per communicator
 
-_busy_lock = threading.Lock()
-_in_use: dict[int, str] = {}  # id of a private communicator -> the collective running on it
+_locks: dict[int, threading.Lock] = {}  # id of a private communicator -> held while a collective runs on it
+_labels: dict[int, str] = {}  # ... and which collective that is
 
 
-def _claim(private: MPI.Comm, kind: str, label: str) -> None:
-    """Mark ``private`` in use by this call; raise if another thread's collective is using it."""
+def _claim(private: MPI.Comm, kind: str, label: str) -> threading.Lock:
+    """Hold ``private`` for this call; raise if another thread's collective is using it."""
     key = id(private)
-    with _busy_lock:
-        running = _in_use.get(key)
-        if running is None:
-            _in_use[key] = label
-            return
-    raise CollectiveError(
-        f"{kind}: another thread is already in collective {running!r} on this communicator; collectives on "
-        "one communicator must be called one at a time, in the same order on every rank, which two threads "
-        "cannot promise: give each thread its own communicator (comm.Dup())")
-
-
-def _release(private: MPI.Comm) -> None:
-    with _busy_lock:
-        del _in_use[id(private)]
+    lock = _locks.get(key) or _locks.setdefault(key, threading.Lock())  # setdefault: one lock, even if racing
+    if not lock.acquire(blocking=False):
+        raise CollectiveError(
+            f"{kind}: another thread is already in collective {_labels.get(key)!r} on this communicator; "
+            "collectives on one communicator must be called one at a time, in the same order on every rank, "
+            "which two threads cannot promise: give each thread its own communicator (comm.Dup())")
+    _labels[key] = label
+    return lock
 
 
 @contextmanager
 def _running(comm: MPI.Comm, kind: str, name: Any) -> Iterator[None]:
     """One collective call: this thread alone on ``comm``, and watched by the stall watchdog."""
     label = _label(name, kind)
-    _claim(comm, kind, label)
+    lock = _claim(comm, kind, label)
     try:
         with watchdog.watch(label):
             yield
     finally:
-        _release(comm)
+        lock.release()
 
 
 def busy(comm: MPI.Comm | None = None) -> bool:
     """Whether an mpiml collective is running on ``comm`` now (in any thread of this process)."""
     comm = MPI.COMM_WORLD if comm is None else comm
     private = comm.Get_attr(_keyval) if _keyval is not None else None
-    return private is not None and id(private) in _in_use
+    lock = _locks.get(id(private)) if private is not None else None
+    return lock is not None and lock.locked()
 
 
 # ---------------------------------------------------------------- agreement check
@@ -323,7 +318,7 @@ def allreduce(x: Any, op: str = "sum", algorithm: str = "ring", comm: MPI.Comm |
     """
     comm = private_comm(comm)
     label = _label(name, "allreduce")
-    _claim(comm, "allreduce", label)
+    lock = _claim(comm, "allreduce", label)
     seq = watchdog.enter(label)
     try:
         args = _prepare("allreduce", x, algorithm, op, 0, comm, name=name)
@@ -335,7 +330,7 @@ def allreduce(x: Any, op: str = "sum", algorithm: str = "ring", comm: MPI.Comm |
             write_back(flat)
     finally:
         watchdog.leave(seq)
-        _release(comm)
+        lock.release()
     return x
 
 
