@@ -98,6 +98,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
     (see ``mpiml.buckets``); ``step()`` waits only for what is still in
     flight. Without overlap, everything is combined in ``step()``.
     ``compression``: "none", "fp16" or "bf16" on the wire.
+    ``poll_interval``: how a wait for gradients waits: 0 spins in MPI_Wait, a
+    positive number of seconds tests and sleeps that long in between; default:
+    50 µs when the ranks span several hosts (the network is slow next to the
+    CPU, which is better spent on compute and TCP), spin on one host.
     ``backward_passes_per_step``: gradients of that many backward passes are
     accumulated locally before one combined step (call ``step()`` once after
     them; nothing is sent on the inner passes). ``zero_grad()`` zeroes the
@@ -110,7 +114,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                  topology: str = "ring", backward_passes_per_step: int = 1, comm: MPI.Comm | None = None,
                  overlap: bool | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES, compression: str = "none",
                  on_nan: str = "abort", check_consistency_every: int = 0, average_every: int = 0,
-                 staleness: int | None = 0) -> None:
+                 staleness: int | None = 0, poll_interval: float | None = None) -> None:
         if topology not in TOPOLOGIES:
             raise UserError(f"unknown topology {topology!r}; choose from {', '.join(TOPOLOGIES)}")
         if backward_passes_per_step < 1:
@@ -125,6 +129,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise UserError(f"check_consistency_every must be >= 0, got {check_consistency_every}")
         if average_every < 0:
             raise UserError(f"average_every must be >= 0, got {average_every}")
+        if poll_interval is not None and not 0 <= poll_interval <= 1:
+            raise UserError(f"poll_interval must be between 0 and 1 second, got {poll_interval}")
         if average_every and topology not in EXACT_TOPOLOGIES:
             raise UserError(f"average_every (local SGD) averages through an exact topology, not {topology!r}")
         self._inner: torch.optim.Optimizer | None = None
@@ -153,7 +159,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         # CPU goes to backward, to other ranks and to the kernel's TCP work (docs/cluster.md).
         layout = collectives.hier.topology(self._bucket_comm) if exact else None
         self.hosts = layout.hosts if layout is not None else 1
-        self._poll = NETWORK_POLL_SECONDS if self.hosts > 1 else 0.0
+        self._poll = (NETWORK_POLL_SECONDS if self.hosts > 1 else 0.0) if poll_interval is None else poll_interval
         allocate = self._shared_allocator(grouped) if topology == "hier" and exact else None
         for dtype, idx in grouped.items():
             shapes = [self._params[i].shape for i in idx]

@@ -104,16 +104,19 @@ def build_methods(args: argparse.Namespace, comm: MPI.Comm) -> list[Method]:
         if args.ddp_fp16:
             methods.append(ddp_method(args.model, comm, "fp16"))
     overlaps = {"both": (False, True), "on": (True,), "off": (False,), "default": (None,)}[args.overlap]
+    polls = [None, 0.0] if args.spin_too else [None]
     for topology in args.topologies.split(","):
         for compression in args.compression.split(","):
             for overlap in overlaps:
-                model = make_model(args.model)
-                opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model,
-                                                 topology=topology, overlap=overlap, bucket_bytes=args.bucket_bytes,
-                                                 compression=compression)
-                suffix = {True: "", False: "-sync", None: "-default"}[overlap]
-                methods.append(Method(f"mpiml-{topology}" + ("" if compression == "none" else f"-{compression}")
-                                      + suffix, model, opt))
+                for poll in polls:
+                    model = make_model(args.model)
+                    opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model,
+                                                     topology=topology, overlap=overlap,
+                                                     bucket_bytes=args.bucket_bytes, compression=compression,
+                                                     poll_interval=poll)
+                    suffix = {True: "", False: "-sync", None: "-default"}[overlap] + ("-spin" if poll == 0 else "")
+                    methods.append(Method(f"mpiml-{topology}" + ("" if compression == "none" else f"-{compression}")
+                                          + suffix, model, opt))
     hvd = horovod_method(args.model)
     if hvd is not None:
         methods.append(hvd)
@@ -162,6 +165,8 @@ def main() -> int:
                         help="run each mpiml method with and/or without overlap (default: both; "
                              "'default' lets DistributedOptimizer decide)")
     parser.add_argument("--no-ddp", action="store_true")
+    parser.add_argument("--spin-too", action="store_true",
+                        help="also each mpiml method with poll_interval=0 (busy-polling waits), suffix -spin")
     parser.add_argument("--ddp-fp16", action="store_true", help="also DDP with torch's fp16 compression hook")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()

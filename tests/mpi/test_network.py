@@ -89,3 +89,12 @@ def test_optimizer_across_hosts_waits_politely(world):
         opt.step()
     assert same_on_all_ranks(world, opt.parameter_buffers[0].numpy().tobytes())
     opt._buckets.close()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_poll_interval_is_the_users_choice_and_checked(world):
+    model = torch.nn.Linear(5, 2)
+    opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, poll_interval=0.0)
+    assert opt._poll == 0.0 and opt.hosts == 1
+    with pytest.raises(mpiml.UserError, match="poll_interval"):
+        mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, poll_interval=-1)
