@@ -22,11 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 
 import numpy as np
 from mpi4py import MPI
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_training import init_gloo  # noqa: E402
 
 from mpiml.bench import allreduce_table, format_table, parse_size
 from mpiml.cluster import expected_link_bytes
@@ -38,14 +40,7 @@ from mpiml.collectives._schedule import polling
 def gloo_allreduce(comm: MPI.Comm):
     import torch
     import torch.distributed as dist
-    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    port = None
-    if comm.rank == 0:
-        with socket.socket() as s:
-            s.bind((addr, 0))
-            port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://{addr}:{comm.bcast(port)}", rank=comm.rank,
-                            world_size=comm.size)
+    init_gloo(comm)
     return lambda buf: dist.all_reduce(torch.from_numpy(buf))
 
 
