@@ -195,6 +195,6 @@ def abort_on_exception(fn: Callable[[], int], prog: str = "mpiml") -> int:
 def _ending_together() -> bool:
     """Whether every rank reaches the end (closing the watchdog, collectively) within ENDING_GRACE_SECONDS."""
     from . import watchdog
-    if watchdog.active() is None or MPI.COMM_WORLD.Get_size() == 1:
+    if watchdog.active() is None:
         return True
     return watchdog.uninstall(grace=ENDING_GRACE_SECONDS)
