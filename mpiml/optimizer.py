@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from . import collectives, guards, mixing, traffic
+from . import collectives, guards, mixing, runtime, traffic
 from .buckets import COMPRESSIONS, GradientBuckets
 from .collectives._schedule import polling
 from .runtime import UserError
@@ -301,9 +301,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         grads = self._grad_groups[0].buffer
         if not guards.finite([grads]):  # decided locally: a collective here would undo the asynchrony
             message = guards.non_finite_message([self.comm.Get_rank()], self.step_count, "")
-            if self.on_nan == "abort":
-                print(f"mpiml: error: {message}aborting (--on-nan abort)", flush=True)
-                self.comm.Abort(2)
+            if self.on_nan == "abort":  # flushed and given time to reach the launcher before MPI_Abort
+                runtime.abort(2, f"mpiml: error: {message}aborting (--on-nan abort)", self.comm)
             self.skipped_steps.append((self.step_count, [self.comm.Get_rank()]))
             grads.zero_()  # the clocks still advance: a zero update instead of a poisoned one
         start = time.perf_counter()

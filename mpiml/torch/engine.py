@@ -157,9 +157,8 @@ class Engine:
             traceback.print_exc()
             self._stop(f"mpiml.torch engine failed on rank {self.rank}: {exc!r}", collective=False)
             # The other ranks' engines would wait for this one forever: end the job (no elastic mode here).
-            sys.stderr.write(f"mpiml.torch: engine failed on rank {self.rank}; aborting the job\n")
-            sys.stderr.flush()
-            MPI.COMM_WORLD.Abort(1)
+            from ..runtime import abort  # flushed and given time to reach the launcher before MPI_Abort
+            abort(1, f"mpiml.torch: engine failed on rank {self.rank}; aborting the job")
 
     def _take(self) -> tuple[list[Request], bool, bool]:
         """Wait for work (or the cycle time), then take the new requests and flags."""
