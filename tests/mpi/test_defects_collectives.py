@@ -124,7 +124,8 @@ def test_float16_mean_of_large_values_does_not_overflow(world, rng, algorithm, k
 def test_float16_mean_60000_on_every_rank_is_60000(world):
     x = np.full(4, 60000, dtype=np.float16)
     collectives.allreduce(x, op="mean", algorithm="ring")
-    assert x.tolist() == [60000.0] * 4
+    # pre-scaled by 1/K, the partial sums round in float16 (59968 at K = 8): finite and within its precision
+    assert np.all(np.isfinite(x)) and np.allclose(x.astype(np.float64), 60000, rtol=2 ** -10 * world.size)
     # only one rank holding large values still decides for everyone (the same arithmetic everywhere)
     y = np.full(4, 60000 if world.rank == 0 else 0, dtype=np.float16)
     mine = collectives.reduce_scatter(y, op="mean")
