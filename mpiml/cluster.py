@@ -1,6 +1,6 @@
 """An emulated cluster on one machine: hosts are network namespaces on a bridge, links shaped with ``tc``.
 
-    sudo python -m mpiml.cluster --hosts 4 --ranks-per-host 1 --link 1gbit -- python -m mpiml.train ...
+    python -m mpiml.cluster --hosts 4 --ranks-per-host 1 --link 1gbit -- python -m mpiml.train ...
 
 Each host ``mpiml-<pid>-hN`` is a network namespace with its own hostname
 (``unshare --uts``), an interface ``eth0`` with address 10.S.0.1N/24, and a
