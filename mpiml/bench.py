@@ -245,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                               args.rounds, args.check, comm, args.raw)
     key = None
     if args.command == "calibrate":  # collective: the table's key is the host layout ("K" or "HxL")
-        from .collectives import auto, hier
-        topo = hier.topology(comm.Dup()) if comm.Get_size() > 1 else None
+        from .collectives import auto, hier, private_comm
+        topo = hier.topology(private_comm(comm)) if comm.Get_size() > 1 else None
         key = auto.layout_key(topo.hosts, topo.local_size, comm.Get_size()) if topo else "1"
     if comm.Get_rank() == 0:
         print(format_table(records))

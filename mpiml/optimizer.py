@@ -157,7 +157,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         # How the ranks sit on hosts (collective on comm, cached on it). Across hosts, messages cross a
         # network: waits test and sleep instead of spinning (mpiml.collectives._schedule.polling), so the
         # CPU goes to backward, to other ranks and to the kernel's TCP work (docs/cluster.md).
-        layout = collectives.hier.topology(self._bucket_comm) if exact else None
+        layout = collectives.hier.topology(collectives.private_comm(self._bucket_comm)) if exact else None
         self.hosts = layout.hosts if layout is not None else 1
         self._poll = (NETWORK_POLL_SECONDS if self.hosts > 1 else 0.0) if poll_interval is None else poll_interval
         allocate = self._shared_allocator(grouped) if topology == "hier" and exact else None

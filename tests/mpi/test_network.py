@@ -80,7 +80,7 @@ def test_optimizer_across_hosts_waits_politely(world):
         del os.environ["MPIML_FAKE_HOSTS"]
     from mpiml.optimizer import _spare_core
     assert opt.hosts == 2 and opt._poll > 0
-    local = collectives.hier.topology(opt._bucket_comm).local_size
+    local = collectives.hier.topology(collectives.private_comm(opt._bucket_comm)).local_size
     assert opt._buckets.overlap == _spare_core(local)  # overlap by default only with a core to spare
     g = torch.Generator().manual_seed(world.rank)
     for _ in range(3):
