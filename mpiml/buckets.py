@@ -13,10 +13,9 @@ always launched in index order, so every rank issues the same sequence of
 collectives even when some parameter got no gradient on some rank (its
 bucket, and the ones after it, are launched by ``flush`` at step time).
 
-``compression``: "fp16" or "bf16" casts each bucket (pre-scaled by 1/K, so
-the sum of K gradients cannot overflow where a single one did not) to half
-precision, sums it, and casts back: half the bytes on the wire, at the cost
-of one cast each way.
+Each bucket is combined by a communication hook (``mpiml.strategies.hooks``):
+``hook(view, "mean", name)`` averages it in place across ranks. Compression
+is a wrapper around the hook, so the buckets never see it.
 """
 
 from __future__ import annotations
@@ -31,9 +30,7 @@ import torch
 from .guards import all_finite
 from .timeline import Timeline
 
-__all__ = ["Bucket", "GradientBuckets", "COMPRESSIONS"]
-
-COMPRESSIONS = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+__all__ = ["Bucket", "GradientBuckets"]
 
 
 class Bucket:
@@ -45,25 +42,21 @@ class Bucket:
         self.waiting = len(params)
         self.launched = False
         self.done = threading.Event()
-        self.compressed: torch.Tensor | None = None
 
 
 class GradientBuckets:
     """Owns the bucket layout, the hooks and the communication thread of one DistributedOptimizer."""
 
     def __init__(self, params: Sequence[torch.nn.Parameter], spans: Sequence[tuple[torch.Tensor, int, int]],
-                 bucket_bytes: int, reduce: Callable[[torch.Tensor, str, str], None], world_size: int, overlap: bool,
-                 backward_passes_per_step: int, compression: str = "none") -> None:
+                 bucket_bytes: int, hook: Callable[[torch.Tensor, str, str], None], overlap: bool,
+                 backward_passes_per_step: int) -> None:
         """``spans[i] = (buffer, lo, hi)``: where parameter i's gradient lives in its flat buffer.
 
-        ``reduce(view, op, name)`` allreduces ``view`` in place with op "mean" or "sum"; ``name`` says
+        ``hook(view, op, name)`` combines ``view`` in place across ranks with op "mean"; ``name`` says
         which step and bucket it is, so a rank that skipped a step is caught by the agreement check.
         """
-        if compression not in COMPRESSIONS:
-            raise ValueError(f"unknown compression {compression!r}; choose from {', '.join(COMPRESSIONS)}")
-        self.reduce, self.world_size = reduce, world_size
+        self.hook = hook
         self.overlap, self.passes = overlap, backward_passes_per_step
-        self.compression = COMPRESSIONS[compression]
         self.spans = list(spans)
         self.buckets = self._layout(spans, bucket_bytes)
         self.bucket_of = {i: b for b in self.buckets for i in b.params}
@@ -165,15 +158,7 @@ class GradientBuckets:
     def _reduce_bucket(self, bucket: Bucket, name: str) -> None:
         if not all_finite(bucket.view):
             self.local_finite = False  # this rank's own gradient, before it is mixed with the others'
-        if self.compression is None:
-            self.reduce(bucket.view, "mean", name)
-        else:
-            if bucket.compressed is None:
-                bucket.compressed = torch.empty(bucket.hi - bucket.lo, dtype=self.compression)
-            bucket.view.mul_(1.0 / self.world_size)  # pre-scaled: the sum is the mean and cannot overflow
-            bucket.compressed.copy_(bucket.view)
-            self.reduce(bucket.compressed, "sum", name)
-            bucket.view.copy_(bucket.compressed)
+        self.hook(bucket.view, "mean", name)
 
     # ------------------------------------------------------------ step time (main thread)
 

@@ -16,13 +16,20 @@ import io
 import math
 import os
 import re
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .runtime import UserError, agree
+
+REPLICATED, PER_RANK, SHARDED = "replicated", "per-rank", "sharded"  # as mpiml.strategies declares them
+
 __all__ = ["CheckpointError", "save", "load", "checkpoints", "load_latest", "newest_good", "set_aside",
-           "check_directory", "remove_stale_temporaries", "check_trainer_payload"]
+           "check_directory", "remove_stale_temporaries", "check_trainer_payload", "Position", "prepare_directory",
+           "save_training", "resume_training"]
 
 MAGIC = b"MPIMLCKPT1\n"
 _NAME = re.compile(r"^checkpoint-(\d{9})\.pt$")
@@ -160,6 +167,12 @@ def check_trainer_payload(payload: Any) -> None:
         raise CheckpointError("its fingerprint lists no parameters")
     replicas = [payload["params"]] if payload["replicas"] is None else payload["replicas"]
     states = [payload["optimizer"]] if payload["replicas"] is None else payload["replica_optimizers"]
+    if _layout(payload) == SHARDED:
+        shards = payload.get("optimizer_shards")
+        if not (isinstance(shards, list) and len(shards) == ranks and all(
+                isinstance(st, dict) and {"param_groups", "shard"} <= set(st) for st in shards)):
+            raise CheckpointError(f"its sharded optimizer state is not {ranks} shards")
+        states = [{"state": {}, "param_groups": shards[0]["param_groups"]}]
     if payload["replicas"] is not None and (not isinstance(replicas, list) or len(replicas) != ranks):
         raise CheckpointError(f"it should hold {ranks} replicas")
     for params in replicas:  # flat buffers, one per dtype, holding every parameter of the model
@@ -181,6 +194,11 @@ def check_trainer_payload(payload: Any) -> None:
 
 _TRAINER_KEYS = ("fingerprint", "config", "ranks", "topology", "epoch", "step_in_epoch", "global_step",
                  "mixing_step", "loss_sums", "params", "optimizer", "replicas", "replica_optimizers", "torch_rng")
+
+
+def _layout(payload: dict[str, Any]) -> str:
+    """Where the checkpoint's state lives (checkpoints written before strategies declared it: from its keys)."""
+    return payload.get("state_layout") or (PER_RANK if payload.get("replicas") is not None else REPLICATED)
 
 
 def load_latest(directory: str) -> tuple[str | None, dict[str, Any] | None, list[str]]:
@@ -257,3 +275,165 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+# ---------------------------------------------------------------- the trainer's checkpoints
+
+
+@dataclass
+class Position:
+    """Where training stands: the epoch, the step within it, the global step, the epoch's loss so far."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    loss_sum: float = 0.0
+
+
+def prepare_directory(directory: str, comm: Any) -> None:
+    """Rank 0 writes the checkpoints: before any training it makes sure it can, and deletes the temporary
+    files a killed earlier writer left behind (UserError on every rank if it cannot)."""
+    problem = None
+    if comm.Get_rank() == 0:
+        try:
+            check_directory(directory)
+            for path in remove_stale_temporaries(directory):
+                print(f"note: removed {path}, a checkpoint that an earlier run never finished writing",
+                      file=sys.stderr, flush=True)
+        except CheckpointError as e:
+            problem = str(e)
+    problem = comm.bcast(problem, root=0)
+    if problem:
+        raise UserError(problem)
+
+
+def save_training(directory: str, comm: Any, dopt: Any, fingerprint: dict[str, Any], config: dict[str, Any],
+                  pos: Position, keep: int = 0) -> None:
+    """Collective: write one checkpoint of a training run, holding what the strategy's ``state`` says.
+
+    REPLICATED: rank 0's parameters and optimizer state (identical everywhere). PER_RANK: rank 0
+    gathers every rank's parameters and optimizer state. SHARDED: rank 0's parameters and every rank's
+    optimizer-state shard, with the elements each covers (resharded on resume at another K)."""
+    layout = dopt.strategy.state
+    per_rank = layout == PER_RANK
+    params = [b.clone() for b in dopt.parameter_buffers] if per_rank or comm.Get_rank() == 0 else None
+    state = dopt.checkpoint_state() if layout != REPLICATED or comm.Get_rank() == 0 else None
+    everyone = comm.gather((params if per_rank else None, state if layout != REPLICATED else None, pos.loss_sum),
+                           root=0)
+    error = None
+    if comm.Get_rank() == 0:
+        payload = {
+            "format": 1, "fingerprint": fingerprint, "config": config, "ranks": comm.Get_size(),
+            "topology": config.get("topology"), "strategy": dopt.strategy.name, "state_layout": layout,
+            "epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "global_step": pos.global_step,
+            "mixing_step": dopt.step_count, "loss_sums": [e[2] for e in everyone],
+            "params": None if per_rank else params, "optimizer": state if layout == REPLICATED else None,
+            "replicas": [e[0] for e in everyone] if per_rank else None,
+            "replica_optimizers": [e[1] for e in everyone] if per_rank else None,
+            "optimizer_shards": [e[1] for e in everyone] if layout == SHARDED else None,
+            "torch_rng": torch.get_rng_state(),
+        }
+        try:
+            save(directory, pos.global_step, payload, keep=keep)
+        except CheckpointError as e:
+            error = str(e)
+    error = comm.bcast(error, root=0)
+    if error:
+        raise UserError(error)
+
+
+def _incompatible(payload: dict[str, Any], fingerprint: dict[str, Any], layout: str, k: int) -> str | None:
+    if payload.get("format") != 1:
+        return "unknown checkpoint format"
+    saved = payload["fingerprint"]
+    for key in ("model", "hidden", "sample_shape", "classes", "optimizer", "shapes"):
+        if saved.get(key) != fingerprint[key]:
+            return (f"it was written for a different model ({key}: checkpoint {saved.get(key)}, "
+                    f"this run {fingerprint[key]})")
+    was_replicas, replicas_now = _layout(payload) == PER_RANK, layout == PER_RANK
+    if was_replicas != replicas_now:
+        return (f"it was written with {'one replica per rank' if was_replicas else 'one shared model'} "
+                f"(--topology {payload['topology']}); this run keeps "
+                f"{'one replica per rank' if replicas_now else 'one shared model'}")
+    if replicas_now and payload["ranks"] != k:
+        return (f"it holds {payload['ranks']} replicas (butterfly mixing, gossip or local SGD); resume with "
+                f"{payload['ranks']} ranks (this run has {k})")
+    return None
+
+
+def _find(directory: str, fingerprint: dict[str, Any], layout: str, k: int,
+          restart_if_damaged: bool) -> tuple[str, Any, Any]:
+    """Rank 0: ("ok", path, payload) of the newest usable checkpoint ((None, None) for none), or ("error",
+    message, None). Damaged ones are renamed *.damaged (never overwritten); if every one is damaged the run
+    is refused unless ``restart_if_damaged``."""
+    path, payload, damaged = newest_good(directory, check_trainer_payload)
+    if payload is None and damaged and not restart_if_damaged:
+        return ("error", f"--resume: every checkpoint in {directory} is damaged: "
+                         f"{'; '.join(why for _, why in damaged)}. Nothing was changed; to start over, add "
+                         f"--restart-if-damaged (the damaged files are then kept, renamed *.damaged)", None)
+    problem = _incompatible(payload, fingerprint, layout, k) if payload is not None else None
+    if problem:
+        return ("error", f"cannot resume from {path}: {problem}", None)
+    then = "falling back to an older checkpoint" if payload is not None else "starting over (--restart-if-damaged)"
+    for bad, why in damaged:
+        try:
+            kept = f"the damaged file is kept as {set_aside(bad)}"
+        except OSError as e:
+            kept = f"the damaged file could not be renamed ({e.strerror or e})"
+        print(f"warning: {why}; {then}; {kept}", file=sys.stderr, flush=True)
+    if payload is None:
+        print(f"no {'usable ' if damaged else ''}checkpoint in {directory}; starting from scratch", flush=True)
+    return ("ok", path, payload)
+
+
+def resume_training(directory: str, comm: Any, dopt: Any, fingerprint: dict[str, Any], epochs: int,
+                    restart_if_damaged: bool = False) -> Position:
+    """Collective: load the newest good checkpoint (rank 0 reads, everyone receives) and restore this rank
+    from it, as the strategy keeps its state; returns where to continue (a fresh Position if none)."""
+    k, r = comm.Get_size(), comm.Get_rank()
+    layout = dopt.strategy.state
+    found = _find(directory, fingerprint, layout, k, restart_if_damaged) if r == 0 else None
+    status, path, payload = comm.bcast(found, root=0)
+    if status == "error":
+        raise UserError(path)
+    if payload is None:
+        return Position()
+    saved_layout = _layout(payload)
+    params = payload["replicas"][r] if saved_layout == PER_RANK else payload["params"]
+    if saved_layout == PER_RANK:
+        states = [payload["replica_optimizers"][r]]
+    elif saved_layout == SHARDED:
+        states = payload["optimizer_shards"]
+    else:
+        states = [payload["optimizer"]]
+
+    def restore() -> None:
+        try:
+            if [(b.shape, b.dtype) for b in dopt.parameter_buffers] != [(t.shape, t.dtype) for t in params]:
+                raise ValueError("its parameter buffers do not match this model's")
+            if (saved_layout == SHARDED) != (layout == SHARDED):
+                raise ValueError(f"its optimizer state is {saved_layout}, this run keeps it {layout} "
+                                 f"(--zero {'on' if layout == SHARDED else 'off'})")
+            with torch.no_grad():
+                for buf, kept in zip(dopt.parameter_buffers, params):
+                    buf.copy_(kept)
+            dopt.load_checkpoint_state(states)
+            torch.set_rng_state(payload["torch_rng"])
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            raise UserError(f"cannot resume from {path}: {e}") from None
+
+    agree(comm, restore)
+    dopt.step_count = payload["mixing_step"]
+    pos = Position(payload["epoch"], payload["step_in_epoch"], payload["global_step"])
+    sums = payload["loss_sums"]
+    if payload["ranks"] == k:
+        pos.loss_sum = sums[r]
+    else:  # one shared model only: the same position in samples seen, new shards and order (see README)
+        pos.step_in_epoch = pos.step_in_epoch * payload["ranks"] // k
+        pos.loss_sum = sum(sums) / k
+    if r == 0 and pos.epoch >= epochs:
+        print(f"resumed from {path}: it has finished {pos.epoch} epoch{'s' if pos.epoch != 1 else ''} (--epochs "
+              f"{epochs}), so there is nothing to train; evaluating it", flush=True)
+    elif r == 0:
+        print(f"resumed from {path} (epoch {pos.epoch + 1}, step {pos.global_step})", flush=True)
+    return pos

@@ -22,8 +22,9 @@ import torch
 from mpi4py import MPI
 
 from . import collectives, traffic
+from .compression import compressor
 
-__all__ = ["stages", "partner_for_step", "mix", "replica_drift", "average_replicas"]
+__all__ = ["stages", "partner_for_step", "mix", "average_with", "replica_drift", "average_replicas"]
 
 
 def stages(size: int) -> int:
@@ -39,21 +40,49 @@ def partner_for_step(rank: int, size: int, step: int) -> int | None:
     return partner if partner < size else None
 
 
-def mix(buffers: Sequence[torch.Tensor], comm: MPI.Comm, step: int, scratch: list[np.ndarray]) -> None:
-    """Average every buffer with this step's partner, in place (both partners end bitwise equal)."""
+def mix(buffers: Sequence[torch.Tensor], comm: MPI.Comm, step: int, scratch: list[np.ndarray],
+        compression: str = "none") -> None:
+    """Average every buffer with this step's partner, in place (both partners end bitwise equal, unless
+    the parameters travel compressed: then each averages its own with the partner's rounded copy)."""
     partner = partner_for_step(comm.Get_rank(), comm.Get_size(), step)
-    if partner is None:
-        return
-    while len(scratch) < len(buffers):
+    if partner is not None:
+        average_with(buffers, comm, [(partner, partner)], scratch, compression)
+
+
+def average_with(buffers: Sequence[torch.Tensor], comm: MPI.Comm, peers: Sequence[tuple[int, int]],
+                 scratch: list[np.ndarray], compression: str = "none") -> None:
+    """Replace each buffer by the plain average of itself and what ``peers`` send, in place.
+
+    ``peers`` is a list of (send to, receive from) pairs, one exchange each, in that order (every rank
+    must list the matching pairs: a rank that sends to r must be in r's list as the source). The sum is
+    taken in a fixed order, own buffer first, so the result is reproducible bit for bit; with two
+    parties (one pair) both partners get the same bits (a + b == b + a, and halving is exact).
+    ``compression`` ("fp16", "bf16") sends the buffers in that dtype (``mpiml.compression``); ``scratch``
+    keeps the receive buffers from call to call."""
+    c = compressor(compression)
+    need = len(buffers) * len(peers)
+    while len(scratch) < need:
         scratch.append(np.empty(0, dtype=np.uint8))
     for i, buf in enumerate(buffers):
+        wire, ctx = c.compress(buf.detach())
+        out = _bits(wire)
+        received = []
+        for j, (to, frm) in enumerate(peers):
+            slot = i * len(peers) + j
+            if scratch[slot].dtype != out.dtype or scratch[slot].size != out.size:
+                scratch[slot] = np.empty_like(out)
+            comm.Sendrecv(out, to, 11, scratch[slot], frm, 11)
+            traffic.add(out.nbytes)
+            received.append(scratch[slot])
         mine = buf.detach().numpy()
-        if scratch[i].dtype != mine.dtype or scratch[i].size != mine.size:
-            scratch[i] = np.empty_like(mine)
-        comm.Sendrecv(mine, partner, 11, scratch[i], partner, 11)
-        traffic.add(mine.nbytes)
-        np.add(mine, scratch[i], out=mine)  # a + b == b + a bitwise, and halving is exact
-        mine *= 0.5
+        for r in received:
+            mine += r if ctx is None else c.decompress(torch.from_numpy(r).view(wire.dtype), ctx).numpy()
+        mine *= 1.0 / (1 + len(received)) if len(received) != 1 else 0.5
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A tensor's memory as numpy (bfloat16, which numpy lacks, as int16: only moved, never computed on)."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def replica_drift(buffers: Sequence[torch.Tensor], comm: Any) -> float:

@@ -31,11 +31,13 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from . import checkpoint, mixing, traffic, watchdog
+from . import checkpoint, mixing, strategies, traffic, watchdog
+from .checkpoint import Position
+from .compression import COMPRESSORS
 from .data import ArraySource, DataError, ShardedData, batch_indices, block, open_source
 from .metrics import MetricsLog, Stopwatch
 from .models import MODELS, ModelError, build_model, parameter_count
-from .optimizer import DEFAULT_BUCKET_BYTES, EXACT_TOPOLOGIES, TOPOLOGIES, DistributedOptimizer
+from .optimizer import DEFAULT_BUCKET_BYTES, TOPOLOGIES, DistributedOptimizer
 from .params import broadcast_parameters, parameters_sha256
 from .runtime import UserError, abort_on_exception, agree, local_size
 from .timeline import Timeline, rank_path
@@ -86,6 +88,8 @@ class Config:
     average_every: int = 0
     straggler: str | None = None
     staleness: str = "0"
+    zero: bool = False
+    gossip_graph: str = "exponential"
     timeline: str | None = None
 
     def hidden_sizes(self) -> tuple[int, ...]:
@@ -130,13 +134,11 @@ class Config:
         if self.average_every < 0:
             raise UserError(f"--average-every must be >= 0, got {self.average_every}")
         self.parsed_staleness()
-        if self.topology == "ps" and self.checkpoint_dir:
-            raise UserError("--topology ps keeps the parameters on its server threads; checkpoints are not "
-                            "supported with it (use an exact topology, butterfly-mixing or --average-every)")
-        if self.topology == "ps" and self.optimizer != "sgd":
-            raise UserError("--topology ps runs SGD on the servers: use --optimizer sgd")
-        if self.average_every and self.topology not in EXACT_TOPOLOGIES:
-            raise UserError(f"--average-every needs an exact topology to average through, not {self.topology}")
+        strategy = self.strategy()
+        strategy.check_options(self.strategy_options())
+        if self.checkpoint_dir and not strategy.checkpoints:
+            raise UserError(f"--checkpoint-dir: the {strategy.name} strategy ({strategy.summary}) keeps its state "
+                            f"where checkpoints cannot reach it; checkpoints are not supported with it")
 
     def parsed_straggler(self) -> tuple[int, float] | None:
         if not self.straggler:
@@ -161,9 +163,20 @@ class Config:
             raise UserError(f"--staleness must be a non-negative integer or 'inf', got {self.staleness!r}")
         return value
 
+    def strategy_options(self) -> dict[str, Any]:
+        """The options ``DistributedOptimizer`` gets from this command line (strategies refuse the ones
+        they do not honour)."""
+        return dict(overlap=self.overlap, bucket_bytes=self.bucket_bytes, compression=self.compression,
+                    check_consistency_every=self.check_consistency_every, average_every=self.average_every,
+                    staleness=self.parsed_staleness(), zero=self.zero, gossip_graph=self.gossip_graph)
+
+    def strategy(self) -> type[strategies.Strategy]:
+        """The strategy this command line chooses (UserError for a combination that chooses none)."""
+        return strategies.strategy_for(self.topology, self.strategy_options())
+
     @property
     def replicas_differ(self) -> bool:
-        return self.topology in ("butterfly-mixing", "ps") or self.average_every > 0
+        return self.strategy().replicas_differ
 
     def parsed_fault(self) -> tuple[str, int, int] | None:
         if not self.fault:
@@ -189,8 +202,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     d = Config()
     p = _Parser(prog="python -m mpiml.train", usage="%(prog)s [options]  (--help lists them)",
                 description="Data-parallel training over MPI.")
-    p.add_argument("--topology", choices=TOPOLOGIES, default=d.topology,
-                   help="how replicas are kept in agreement (default %(default)s)")
+    p.add_argument("--topology", choices=TOPOLOGIES, default=d.topology, metavar="NAME",
+                   help="how replicas are kept in agreement (default %(default)s): "
+                        + "; ".join(f"{row['chosen_by']}: {row['summary']}" for row in strategies.describe()))
     p.add_argument("--model", choices=MODELS, default=d.model)
     p.add_argument("--hidden", default=d.hidden, help="MLP hidden layer sizes, comma-separated (default %(default)s)")
     p.add_argument("--dataset", choices=("digits", "synthetic"), default=d.dataset)
@@ -236,8 +250,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="combine gradients after backward instead")
     p.add_argument("--bucket-bytes", type=int, default=d.bucket_bytes,
                    help="gradient bucket size for overlap (default %(default)s)")
-    p.add_argument("--compression", choices=("none", "fp16", "bf16"), default=d.compression,
-                   help="gradients on the wire (default %(default)s)")
+    p.add_argument("--compression", choices=tuple(COMPRESSORS), default=d.compression,
+                   help="gradients (or exchanged parameters: mixing, gossip, local SGD) on the wire "
+                        "(default %(default)s)")
     p.add_argument("--stall-warning", type=float, default=d.stall_warning, metavar="SECONDS",
                    help="rank 0 reports a collective stuck this long, and who has not arrived (0: never)")
     p.add_argument("--timeout", type=float, default=d.timeout, metavar="SECONDS",
@@ -249,6 +264,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--average-every", type=int, default=d.average_every, metavar="H",
                    help="local SGD: step on local gradients, average parameters every H steps through the "
                         "topology (0: average gradients every step, synchronous SGD)")
+    p.add_argument("--zero", action="store_true",
+                   help="with an exact topology: shard the optimizer state across ranks (ZeRO-1): gradients "
+                        "reduce-scattered, each rank steps its shard, parameters allgathered")
+    p.add_argument("--gossip-graph", choices=("exponential", "ring"), default=d.gossip_graph,
+                   help="--topology gossip: average with ring neighbours, or with one peer 2^j away, j cycling "
+                        "(default %(default)s)")
     p.add_argument("--staleness", default=d.staleness, metavar="S",
                    help="--topology ps: a worker computes with parameters at most S steps stale; 0 is "
                         "synchronous, 'inf' fully asynchronous (default %(default)s)")
@@ -423,146 +444,6 @@ def _evaluate_average(model: torch.nn.Module, dopt: DistributedOptimizer, test: 
     return accuracy
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-@dataclass
-class _Position:
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
-    loss_sum: float = 0.0
-
-
-def _save(cfg: Config, comm: MPI.Comm, dopt: DistributedOptimizer, fingerprint: dict[str, Any],
-          pos: _Position) -> None:
-    mixed = cfg.replicas_differ
-    # Exact topologies: every replica is rank 0's. Mixing: rank 0 collects every replica.
-    mine = ([b.clone() for b in dopt.parameter_buffers], dopt.state_dict(), pos.loss_sum)
-    everyone = comm.gather(mine if mixed else (None, None, pos.loss_sum), root=0)
-    error = None
-    if comm.Get_rank() == 0:
-        payload = {
-            "format": 1, "fingerprint": fingerprint, "config": dataclasses.asdict(cfg), "ranks": comm.Get_size(),
-            "topology": cfg.topology, "epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch,
-            "global_step": pos.global_step, "mixing_step": dopt.step_count,
-            "loss_sums": [e[2] for e in everyone],
-            "params": None if mixed else mine[0], "optimizer": None if mixed else mine[1],
-            "replicas": [e[0] for e in everyone] if mixed else None,
-            "replica_optimizers": [e[1] for e in everyone] if mixed else None,
-            "torch_rng": torch.get_rng_state(),
-        }
-        try:
-            checkpoint.save(cfg.checkpoint_dir, pos.global_step, payload, keep=cfg.keep_checkpoints)
-        except checkpoint.CheckpointError as e:
-            error = str(e)
-    error = comm.bcast(error, root=0)
-    if error:
-        raise UserError(error)
-
-
-def _prepare_checkpoint_dir(cfg: Config, comm: MPI.Comm) -> None:
-    """Rank 0 writes the checkpoints: before any training it makes sure it can, and deletes the temporary
-    files a killed earlier writer left behind."""
-    problem = None
-    if comm.Get_rank() == 0:
-        try:
-            checkpoint.check_directory(cfg.checkpoint_dir)
-            for path in checkpoint.remove_stale_temporaries(cfg.checkpoint_dir):
-                print(f"note: removed {path}, a checkpoint that an earlier run never finished writing",
-                      file=sys.stderr, flush=True)
-        except checkpoint.CheckpointError as e:
-            problem = str(e)
-    problem = comm.bcast(problem, root=0)
-    if problem:
-        raise UserError(problem)
-
-
-def _find_checkpoint(cfg: Config, fingerprint: dict[str, Any], k: int) -> tuple[str, Any, Any]:
-    """Rank 0: ("ok", path, payload) of the newest usable checkpoint ((None, None) for none), or ("error",
-    message, None). Damaged ones are renamed *.damaged (never overwritten); if every one is damaged the run
-    is refused unless --restart-if-damaged."""
-    directory = cfg.checkpoint_dir
-    path, payload, damaged = checkpoint.newest_good(directory, checkpoint.check_trainer_payload)
-    if payload is None and damaged and not cfg.restart_if_damaged:
-        return ("error", f"--resume: every checkpoint in {directory} is damaged: "
-                         f"{'; '.join(why for _, why in damaged)}. Nothing was changed; to start over, add "
-                         f"--restart-if-damaged (the damaged files are then kept, renamed *.damaged)", None)
-    problem = _incompatible(cfg, payload, fingerprint, k) if payload is not None else None
-    if problem:
-        return ("error", f"cannot resume from {path}: {problem}", None)
-    then = "falling back to an older checkpoint" if payload is not None else "starting over (--restart-if-damaged)"
-    for bad, why in damaged:
-        try:
-            kept = f"the damaged file is kept as {checkpoint.set_aside(bad)}"
-        except OSError as e:
-            kept = f"the damaged file could not be renamed ({e.strerror or e})"
-        print(f"warning: {why}; {then}; {kept}", file=sys.stderr, flush=True)
-    if payload is None:
-        print(f"no {'usable ' if damaged else ''}checkpoint in {directory}; starting from scratch", flush=True)
-    return ("ok", path, payload)
-
-
-def _resume(cfg: Config, comm: MPI.Comm, dopt: DistributedOptimizer, fingerprint: dict[str, Any]) -> _Position:
-    """Load the newest good checkpoint (rank 0 reads, everyone receives) and restore this rank from it."""
-    k, r = comm.Get_size(), comm.Get_rank()
-    found = _find_checkpoint(cfg, fingerprint, k) if r == 0 else None
-    status, path, payload = comm.bcast(found, root=0)
-    if status == "error":
-        raise UserError(path)
-    if payload is None:
-        return _Position()
-    params = payload["replicas"][r] if payload["replicas"] is not None else payload["params"]
-    state = payload["replica_optimizers"][r] if payload["replica_optimizers"] is not None else payload["optimizer"]
-
-    def restore() -> None:
-        try:
-            if [(b.shape, b.dtype) for b in dopt.parameter_buffers] != [(t.shape, t.dtype) for t in params]:
-                raise ValueError("its parameter buffers do not match this model's")
-            with torch.no_grad():
-                for buf, saved in zip(dopt.parameter_buffers, params):
-                    buf.copy_(saved)
-            dopt.load_state_dict(state)
-            torch.set_rng_state(payload["torch_rng"])
-        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
-            raise UserError(f"cannot resume from {path}: {e}") from None
-
-    agree(comm, restore)
-    dopt.step_count = payload["mixing_step"]
-    pos = _Position(payload["epoch"], payload["step_in_epoch"], payload["global_step"])
-    sums = payload["loss_sums"]
-    if payload["ranks"] == k:
-        pos.loss_sum = sums[r]
-    else:  # exact topologies only: the same position in samples seen, new shards and order (see README)
-        pos.step_in_epoch = pos.step_in_epoch * payload["ranks"] // k
-        pos.loss_sum = sum(sums) / k
-    if r == 0 and pos.epoch >= cfg.epochs:
-        print(f"resumed from {path}: it has finished {pos.epoch} epoch{'s' if pos.epoch != 1 else ''} (--epochs "
-              f"{cfg.epochs}), so there is nothing to train; evaluating it", flush=True)
-    elif r == 0:
-        print(f"resumed from {path} (epoch {pos.epoch + 1}, step {pos.global_step})", flush=True)
-    return pos
-
-
-def _incompatible(cfg: Config, payload: dict[str, Any], fingerprint: dict[str, Any], k: int) -> str | None:
-    if payload.get("format") != 1:
-        return "unknown checkpoint format"
-    saved = payload["fingerprint"]
-    for key in ("model", "hidden", "sample_shape", "classes", "optimizer", "shapes"):
-        if saved.get(key) != fingerprint[key]:
-            return (f"it was written for a different model ({key}: checkpoint {saved.get(key)}, "
-                    f"this run {fingerprint[key]})")
-    was_replicas, replicas_now = payload["replicas"] is not None, cfg.replicas_differ
-    if was_replicas != replicas_now:
-        return (f"it was written with {'one replica per rank' if was_replicas else 'one shared model'} "
-                f"(--topology {payload['topology']}); this run keeps "
-                f"{'one replica per rank' if replicas_now else 'one shared model'}")
-    if replicas_now and payload["ranks"] != k:
-        return (f"it holds {payload['ranks']} replicas (butterfly mixing or local SGD); resume with "
-                f"{payload['ranks']} ranks (this run has {k})")
-    return None
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -598,7 +479,7 @@ class _Run:
     fingerprint: dict[str, Any]
     log: MetricsLog
     dog: watchdog.Watchdog
-    pos: _Position
+    pos: Position
     steps0: int = 0
     accuracy: float = float("nan")
     fault: tuple[str, int, int] | None = None
@@ -632,7 +513,7 @@ def _setup(cfg: Config, dog: watchdog.Watchdog) -> _Run:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     if cfg.checkpoint_dir:
-        _prepare_checkpoint_dir(cfg, comm)
+        checkpoint.prepare_directory(cfg.checkpoint_dir, comm)
     shard, test, classes, described = _open_data(cfg, comm)
     sample_shape = shard.source.sample_shape
     with watchdog.watch("steps per epoch"):
@@ -654,9 +535,11 @@ def _setup(cfg: Config, dog: watchdog.Watchdog) -> _Run:
     dopt = DistributedOptimizer(_make_optimizer(cfg, model), model, topology=cfg.topology, comm=comm,
                                 overlap=cfg.overlap, bucket_bytes=cfg.bucket_bytes, compression=cfg.compression,
                                 on_nan=cfg.on_nan, check_consistency_every=cfg.check_consistency_every,
-                                average_every=cfg.average_every, staleness=cfg.parsed_staleness())
+                                average_every=cfg.average_every, staleness=cfg.parsed_staleness(), zero=cfg.zero,
+                                gossip_graph=cfg.gossip_graph)
     fingerprint = _fingerprint(cfg, sample_shape, classes, model)
-    pos = _resume(cfg, comm, dopt, fingerprint) if cfg.resume else _Position()
+    pos = (checkpoint.resume_training(cfg.checkpoint_dir, comm, dopt, fingerprint, cfg.epochs, cfg.restart_if_damaged)
+           if cfg.resume else Position())
     log = MetricsLog(cfg.metrics, comm.Get_rank() == 0, append=cfg.resume and pos.global_step > 0)
     if comm.Get_rank() == 0:
         k = comm.Get_size()
@@ -672,7 +555,7 @@ def _train_epoch(run: _Run, epoch: int) -> None:
     x, y = run.shard.epoch_data(epoch)
     with watchdog.watch("steps per epoch"):
         steps = comm.allreduce(math.ceil(len(y) / cfg.batch_size), op=MPI.MAX)
-    if cfg.topology == "ps" and cfg.parsed_staleness() is None:
+    if cfg.parsed_staleness() is None:  # fully asynchronous (only the parameter server takes staleness)
         steps = _asynchronous_share(run, steps)
     batches = batch_indices(len(y), cfg.batch_size, steps)
     first = pos.step_in_epoch if epoch == pos.epoch else 0
@@ -703,7 +586,7 @@ def _train_epoch(run: _Run, epoch: int) -> None:
             if bar is not None:
                 bar.update(1)
             if cfg.checkpoint_dir and cfg.checkpoint_every and pos.global_step % cfg.checkpoint_every == 0:
-                _save(cfg, comm, dopt, run.fingerprint, _Position(epoch, i + 1, pos.global_step, loss_sum))
+                _save(run, Position(epoch, i + 1, pos.global_step, loss_sum))
     if bar is not None:
         bar.close()
     run.train_seconds += wall.seconds
@@ -712,7 +595,13 @@ def _train_epoch(run: _Run, epoch: int) -> None:
     with watchdog.watch("end of epoch"):
         _report_epoch(run, epoch, steps, loss_sum, *times)
         if cfg.checkpoint_dir:
-            _save(cfg, comm, dopt, run.fingerprint, _Position(epoch + 1, 0, pos.global_step, 0.0))
+            _save(run, Position(epoch + 1, 0, pos.global_step, 0.0))
+
+
+def _save(run: _Run, pos: Position) -> None:
+    cfg = run.cfg
+    checkpoint.save_training(cfg.checkpoint_dir, run.comm, run.dopt, run.fingerprint, dataclasses.asdict(cfg), pos,
+                             keep=cfg.keep_checkpoints)
 
 
 def _asynchronous_share(run: _Run, steps: int) -> int:
@@ -766,7 +655,7 @@ def _finish(run: _Run, started: float) -> None:
     cfg, comm, dopt = run.cfg, run.comm, run.dopt
     dopt.finish()  # the parameter server's last updates land everywhere
     if cfg.replicas_differ:
-        if cfg.topology != "ps":  # the reported model is the replicas' average (the servers' for ps)
+        if dopt.strategy.average_at_end:  # the reported model is the replicas' average (ps: the servers')
             mixing.average_replicas(dopt.parameter_buffers, comm)
         run.accuracy = _evaluate(run.model, run.test, comm)
     elif run.pos.epoch >= cfg.epochs:  # resumed a finished run: no epoch ran, so evaluate the model it holds

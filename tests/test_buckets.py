@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mpiml.buckets import GradientBuckets
+from mpiml.strategies.hooks import compressed
 
 
 def setup(sizes, bucket_bytes, overlap=True, passes=1, compression="none"):
@@ -22,7 +23,8 @@ def setup(sizes, bucket_bytes, overlap=True, passes=1, compression="none"):
     def reduce(view, op, name):
         calls.append((threading.current_thread().name, view.numel(), op, view.dtype, name))
         view.mul_(10)  # a recognisable stand-in for "averaged across ranks"
-    return params, buffer, GradientBuckets(params, spans, bucket_bytes, reduce, 2, overlap, passes, compression), calls
+    hook = compressed(reduce, compression, 2)  # the compression wrapper around any hook
+    return params, buffer, GradientBuckets(params, spans, bucket_bytes, hook, overlap, passes), calls
 
 
 def backward(params, scale=1.0):

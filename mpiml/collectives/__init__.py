@@ -4,6 +4,7 @@
     collectives.allreduce(x, op="sum", algorithm="ring", comm=None)     # in place, returns x
     collectives.reduce_scatter(x, op="sum", algorithm="ring", comm=None) # returns this rank's chunk (a view)
     collectives.allgather(chunk, algorithm="ring", comm=None)           # returns a new 1-D buffer
+    collectives.allgather_inplace(x, algorithm="ring", comm=None)       # completes x from each rank's segment
     collectives.broadcast(x, root=0, algorithm="mpi", comm=None)        # in place, returns x
 
 ``x`` is a contiguous numpy array or CPU torch tensor of float16, float32,
@@ -67,8 +68,8 @@ from ._buffers import (
 )
 from ._chunks import chunk_bounds
 
-__all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "ALGORITHMS", "Algorithm", "CollectiveError",
-           "DTYPES", "OPS", "chunk_bounds", "private_comm", "busy"]
+__all__ = ["allreduce", "reduce_scatter", "allgather", "allgather_inplace", "broadcast", "ALGORITHMS", "Algorithm",
+           "CollectiveError", "DTYPES", "OPS", "chunk_bounds", "private_comm", "busy"]
 
 
 class Algorithm(NamedTuple):
@@ -377,6 +378,24 @@ def allgather(chunk: Any, algorithm: str = "ring", comm: MPI.Comm | None = None,
         if bounds[-1]:
             ALGORITHMS[algorithm].allgather(view, bounds, comm)
     return out
+
+
+def allgather_inplace(x: Any, algorithm: str = "ring", comm: MPI.Comm | None = None, name: str | None = None) -> Any:
+    """Complete ``x`` in place from every rank's segment of it; returns ``x``.
+
+    Rank r's segment is ``chunk_bounds(len, p)[r:r + 2]`` of the flattened ``x``, the one
+    ``reduce_scatter`` leaves complete (reduce_scatter followed by this is an allreduce); the rest of
+    ``x`` is overwritten by the other ranks' segments. No buffer is allocated for contiguous ``x``.
+    """
+    comm = private_comm(comm)
+    with _running(comm, "allgather", name):
+        args = _prepare("allgather", x, algorithm, "sum", 0, comm, name=name)
+        _agree(comm, args)
+        if args.flat.array.size:
+            ALGORITHMS[algorithm].allgather(args.flat.array, chunk_bounds(args.flat.array.size, comm.Get_size()),
+                                            comm)
+            write_back(args.flat)
+    return x
 
 
 def broadcast(x: Any, root: int = 0, algorithm: str = "mpi", comm: MPI.Comm | None = None,

@@ -78,23 +78,23 @@ def test_optimizer_across_hosts_waits_politely(world):
         opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, topology="ring")
     finally:
         del os.environ["MPIML_FAKE_HOSTS"]
-    from mpiml.optimizer import _spare_core
-    assert opt.hosts == 2 and opt._poll > 0
-    local = collectives.hier.topology(collectives.private_comm(opt._bucket_comm)).local_size
-    assert opt._buckets.overlap == _spare_core(local)  # overlap by default only with a core to spare
+    from mpiml.strategies.synchronous import spare_core as _spare_core
+    assert opt.hosts == 2 and opt.strategy.poll > 0
+    local = collectives.hier.topology(collectives.private_comm(opt.strategy.comm)).local_size
+    assert opt.strategy.engine.overlap == _spare_core(local)  # overlap by default only with a core to spare
     g = torch.Generator().manual_seed(world.rank)
     for _ in range(3):
         opt.zero_grad()
         model(torch.randn(8, 50, generator=g)).sum().backward()
         opt.step()
     assert same_on_all_ranks(world, opt.parameter_buffers[0].numpy().tobytes())
-    opt._buckets.close()
+    opt.strategy.engine.close()
 
 
 @pytest.mark.mpi(min_size=2)
 def test_poll_interval_is_the_users_choice_and_checked(world):
     model = torch.nn.Linear(5, 2)
     opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, poll_interval=0.0)
-    assert opt._poll == 0.0 and opt.hosts == 1
+    assert opt.strategy.poll == 0.0 and opt.hosts == 1
     with pytest.raises(mpiml.UserError, match="poll_interval"):
         mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, poll_interval=-1)

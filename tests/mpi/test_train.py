@@ -82,9 +82,12 @@ def test_resume_after_a_checkpoint_matches_an_uninterrupted_run(mpi_tmp_path, to
     (dict(model="cnn", dataset="synthetic", features=5), "image-shaped"),
     (dict(resume=True), "--resume needs --checkpoint-dir"),
     (dict(straggler="1:0.5"), "--straggler must be RANK:FACTOR"),
-    (dict(average_every=2, topology="butterfly-mixing"), "--average-every needs an exact topology"),
+    (dict(average_every=2, topology="butterfly-mixing"),
+     r"average_every \(--average-every.*\) does not apply to the butterfly-mixing strategy"),
     (dict(topology="ps", staleness="-1"), "--staleness must be"),
-    (dict(topology="ps", optimizer="adam"), "--topology ps runs SGD"),
+    (dict(topology="ps", compression="fp16"), r"compression \(--compression.*\) does not apply to the ps strategy"),
+    (dict(topology="ps", checkpoint_dir="ck"), "checkpoints are not supported"),
+    (dict(zero=True, average_every=2), "--zero and --average-every choose different strategies"),
 ])
 def test_bad_input_is_reported_on_every_rank(mpi_tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):

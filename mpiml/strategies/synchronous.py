@@ -1,0 +1,131 @@
+"""Synchronous SGD: gradients averaged exactly through one collective algorithm before every step.
+
+Gradients are cut into buckets of about ``bucket_bytes`` (reverse parameter
+order) and each bucket goes through the communication hook (an allreduce,
+wrapped by compression when asked for) as soon as backward has produced it,
+on a communication thread when ``overlap`` (``mpiml.buckets``). With
+``--topology hier`` the gradient buffers live in the host's shared-memory
+window, so the hierarchical allreduce reduces them in place. Every replica
+ends each step bitwise identical.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import collectives
+from ..buckets import GradientBuckets
+from .base import REPLICATED, Strategy
+from .hooks import allreduce_hook, compressed
+
+if TYPE_CHECKING:
+    from ..optimizer import DistributedOptimizer
+
+__all__ = ["Synchronous", "NETWORK_POLL_SECONDS", "spare_core", "exact_comm"]
+
+# Between tests of a message that crosses a network: a 256 KiB chunk takes 2 ms on a 1 Gbit/s link.
+NETWORK_POLL_SECONDS = 50e-6
+
+
+def spare_core(local_size: int) -> bool:
+    """Whether a communication thread would get a core of its own: more cores than busy threads on this host.
+
+    On one host overlap only pays when it does: where every core is computing, a thread that
+    busy-polls shared memory takes its time from backward (measured in the README)."""
+    return (os.cpu_count() or 1) > local_size * torch.get_num_threads()
+
+
+def exact_comm(opt: DistributedOptimizer, poll_interval: float | None) -> tuple[Any, Any, float]:
+    """A duplicate of the optimizer's communicator for its collectives (the caller's own collectives on
+    ``comm`` can then never meet them, even while buckets are in flight), how its ranks sit on hosts
+    (collective, cached on it), and how waits poll: across hosts, messages cross a network, so waits
+    test and sleep instead of spinning and the CPU goes to backward and TCP (docs/cluster.md)."""
+    comm = opt.comm.Dup()
+    layout = collectives.hier.topology(collectives.private_comm(comm))
+    poll = (NETWORK_POLL_SECONDS if layout.hosts > 1 else 0.0) if poll_interval is None else poll_interval
+    return comm, layout, poll
+
+
+class Synchronous(Strategy):
+    name = "sync"
+    summary = "synchronous SGD, gradients averaged exactly before every step"
+    options = frozenset({"overlap", "bucket_bytes", "compression", "backward_passes_per_step", "poll_interval",
+                         "check_consistency_every"})
+    state = REPLICATED
+
+    def __init__(self, algorithm: str, settings: dict[str, Any]) -> None:
+        super().__init__(algorithm, settings)
+        self.engine: GradientBuckets | None = None
+        self.comm: Any = None
+        self.layout: Any = None
+        self.poll = 0.0
+
+    def prepare(self, opt: DistributedOptimizer) -> Callable[[torch.dtype, int], torch.Tensor] | None:
+        if opt.comm.Get_size() == 1:
+            return None
+        self.comm, self.layout, self.poll = exact_comm(opt, self.settings["poll_interval"])
+        opt.hosts = self.layout.hosts
+        return self._shared_allocator(opt) if self.algorithm == "hier" else None
+
+    def _shared_allocator(self, opt: DistributedOptimizer) -> Callable[[torch.dtype, int], torch.Tensor]:
+        """Gradient buffers inside the host's shared window, so ``hier`` reduces them in place, copy-free."""
+        sizes = opt.buffer_bytes()
+        arena = collectives.hier.SharedArena(collectives.private_comm(self.comm),
+                                             sum(-(-b // 64) * 64 for b in sizes.values()))
+        offsets: dict[torch.dtype, int] = {}
+        at = 0
+        for d, nbytes in sizes.items():
+            offsets[d] = at
+            at += -(-nbytes // 64) * 64
+        self.arena = arena
+
+        def allocate(dtype: torch.dtype, count: int) -> torch.Tensor:
+            return arena.tensor(dtype, offsets[dtype], count)
+        return allocate
+
+    def attach(self, opt: DistributedOptimizer) -> None:
+        if self.comm is None:
+            return
+        collectives.private_comm(opt.comm)  # made here, not on the communication thread
+        overlap = self.settings["overlap"]
+        hook = compressed(allreduce_hook(self.algorithm, self.comm, self.poll), self.settings["compression"],
+                          opt.comm.Get_size())
+        self.engine = GradientBuckets(opt.params, opt.grad_spans, self.settings["bucket_bytes"], hook,
+                                      spare_core(self.layout.local_size) if overlap is None else overlap,
+                                      opt.backward_passes_per_step)
+
+    def synchronize(self, opt: DistributedOptimizer) -> bool | None:
+        if self.engine is None:
+            return None
+        opt.reattach_grads()
+        self.engine.flush()
+        with opt.timeline.span("wait for gradients", "comm"):
+            self.engine.wait()
+        finite = self.engine.local_finite
+        self.engine.reset()
+        return finite
+
+    @property
+    def comm_seconds(self) -> float | None:
+        return self.engine.comm_seconds if self.engine is not None else 0.0
+
+    @property
+    def hooks_attach_gradients(self) -> bool:
+        """Whether backward's hooks put gradients into the flat buffer (otherwise the optimizer does)."""
+        return self.engine is not None
+
+    @property
+    def buckets(self) -> list[Any]:
+        return self.engine.buckets if self.engine is not None else []
+
+    def set_timeline(self, timeline: Any) -> None:
+        if self.engine is not None:
+            self.engine.timeline = timeline
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
