@@ -98,8 +98,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
     them; nothing is sent on the inner passes). ``zero_grad()`` zeroes the
     flat gradient buffer in place (the ``.grad`` views must survive, so
     ``set_to_none`` is ignored). Parameters that got no gradient on some
-    rank count as zero there. ``average_every``, ``zero``, ``staleness`` and
-    ``gossip_graph`` choose and configure the strategy (module docstring).
+    rank count as zero there. ``average_every``, ``zero`` and ``staleness``
+    choose and configure the strategy (module docstring); options a strategy
+    declares itself (e.g. gossip's ``gossip_graph``) are further keywords.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None,
@@ -107,7 +108,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                  overlap: bool | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES, compression: str = "none",
                  on_nan: str = "abort", check_consistency_every: int = 0, average_every: int = 0,
                  staleness: int | None = 0, poll_interval: float | None = None, zero: bool = False,
-                 gossip_graph: str = "exponential") -> None:
+                 **strategy_options: Any) -> None:
         if backward_passes_per_step < 1:
             raise UserError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
         if compression not in COMPRESSORS:
@@ -124,10 +125,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise UserError(f"poll_interval must be between 0 and 1 second, got {poll_interval}")
         if staleness is not None and staleness < 0:
             raise UserError(f"staleness must be >= 0 (or None for unbounded), got {staleness}")
+        unknown = sorted(set(strategy_options) - set(strategies.OPTIONS))
+        if unknown:
+            raise UserError(f"DistributedOptimizer: unknown option {', '.join(unknown)}; strategies declare "
+                            f"{', '.join(sorted(strategies.OPTIONS))}")
         self.strategy = strategies.select(topology, dict(
             overlap=overlap, bucket_bytes=bucket_bytes, compression=compression, poll_interval=poll_interval,
             backward_passes_per_step=backward_passes_per_step, check_consistency_every=check_consistency_every,
-            average_every=average_every, staleness=staleness, zero=zero, gossip_graph=gossip_graph))
+            average_every=average_every, staleness=staleness, zero=zero, **strategy_options))
         self._inner: torch.optim.Optimizer | None = None
         # Optimizer's own constructor sets up hooks; its throwaway groups never reach the wrapped optimizer.
         super().__init__([torch.zeros(0, requires_grad=True)], {})

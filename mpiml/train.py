@@ -89,8 +89,8 @@ class Config:
     straggler: str | None = None
     staleness: str = "0"
     zero: bool = False
-    gossip_graph: str = "exponential"
     timeline: str | None = None
+    strategy_extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # options strategies declare
 
     def hidden_sizes(self) -> tuple[int, ...]:
         try:
@@ -168,7 +168,7 @@ class Config:
         they do not honour)."""
         return dict(overlap=self.overlap, bucket_bytes=self.bucket_bytes, compression=self.compression,
                     check_consistency_every=self.check_consistency_every, average_every=self.average_every,
-                    staleness=self.parsed_staleness(), zero=self.zero, gossip_graph=self.gossip_graph)
+                    staleness=self.parsed_staleness(), zero=self.zero, **self.strategy_extra)
 
     def strategy(self) -> type[strategies.Strategy]:
         """The strategy this command line chooses (UserError for a combination that chooses none)."""
@@ -267,9 +267,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--zero", action="store_true",
                    help="with an exact topology: shard the optimizer state across ranks (ZeRO-1): gradients "
                         "reduce-scattered, each rank steps its shard, parameters allgathered")
-    p.add_argument("--gossip-graph", choices=("exponential", "ring"), default=d.gossip_graph,
-                   help="--topology gossip: average with ring neighbours, or with one peer 2^j away, j cycling "
-                        "(default %(default)s)")
     p.add_argument("--staleness", default=d.staleness, metavar="S",
                    help="--topology ps: a worker computes with parameters at most S steps stale; 0 is "
                         "synchronous, 'inf' fully asynchronous (default %(default)s)")
@@ -281,8 +278,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--fault", metavar="KIND:RANK:STEP",
                    help="failure testing: at global step STEP, rank RANK hangs, kills itself (SIGKILL), exits, "
                         "gets a NaN loss, or corrupts its parameters (KIND: hang, kill, exit, nan, corrupt)")
-    args = p.parse_args(argv)
-    return Config(**vars(args))
+    declared = [o for o in strategies.OPTIONS.values() if not hasattr(d, o.keyword)]
+    for o in declared:  # options a strategy declares itself (its own file is all it takes)
+        p.add_argument(o.flag, dest=o.keyword, default=o.default, choices=o.choices, type=o.type,
+                       help=f"{o.meaning} (default %(default)s)")
+    args = vars(p.parse_args(argv))
+    extra = {o.keyword: args.pop(o.keyword) for o in declared}
+    return Config(**args, strategy_extra={k: v for k, v in extra.items() if v != strategies.OPTIONS[k].default})
 
 
 # ---------------------------------------------------------------- setup
@@ -536,7 +538,7 @@ def _setup(cfg: Config, dog: watchdog.Watchdog) -> _Run:
                                 overlap=cfg.overlap, bucket_bytes=cfg.bucket_bytes, compression=cfg.compression,
                                 on_nan=cfg.on_nan, check_consistency_every=cfg.check_consistency_every,
                                 average_every=cfg.average_every, staleness=cfg.parsed_staleness(), zero=cfg.zero,
-                                gossip_graph=cfg.gossip_graph)
+                                **cfg.strategy_extra)
     fingerprint = _fingerprint(cfg, sample_shape, classes, model)
     pos = (checkpoint.resume_training(cfg.checkpoint_dir, comm, dopt, fingerprint, cfg.epochs, cfg.restart_if_damaged)
            if cfg.resume else Position())

@@ -12,7 +12,9 @@ no algorithm of its own (``butterfly-mixing``, ``gossip``, ``ps``).
 
 Adding a strategy: write ``mpiml/strategies/<name>.py`` with a subclass of
 ``Strategy`` (``base.py`` says what it declares and which hooks it may
-override), and add it to ``STRATEGIES`` below. The CLI's choices, its
+override) bound to the name ``STRATEGY``, and add the module's name to
+``_MODULES`` below. Options of its own go in its ``declares``: the CLI
+offers them and ``DistributedOptimizer`` accepts them as keywords. The CLI's choices, its
 ``--help``, the options table in the README (``scripts/strategy_table.py``),
 the tests that go through every (strategy, option) pair and the study
 scripts all read this registry.
@@ -20,27 +22,31 @@ scripts all read this registry.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from ..collectives import ALGORITHMS
 from ..runtime import UserError
-from .base import OPTIONS, PER_RANK, REPLICATED, SHARDED, Option, Strategy, given
-from .butterfly_mixing import ButterflyMixing
-from .local_sgd import LocalSGD
-from .parameter_server import ParameterServerStrategy
+from .base import OPTIONS as COMMON_OPTIONS
+from .base import PER_RANK, REPLICATED, SHARDED, Option, Strategy, given
 from .synchronous import Synchronous
-from .zero import ShardedState
 
 __all__ = ["Strategy", "Option", "OPTIONS", "STRATEGIES", "TOPOLOGIES", "EXACT_TOPOLOGIES", "REPLICATED",
            "PER_RANK", "SHARDED", "select", "strategy_for", "describe"]
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (
-    Synchronous,
-    ShardedState,
-    LocalSGD,
-    ButterflyMixing,
-    ParameterServerStrategy,
-)}
+# The registry: one line per strategy, naming its module (each module's STRATEGY is its class).
+_MODULES = (
+    "synchronous",
+    "zero",
+    "local_sgd",
+    "butterfly_mixing",
+    "parameter_server",
+)
+STRATEGIES: dict[str, type[Strategy]] = {}
+for _module in _MODULES:
+    _cls = importlib.import_module(f"{__name__}.{_module}").STRATEGY
+    STRATEGIES[_cls.name] = _cls
+OPTIONS: dict[str, Option] = {**COMMON_OPTIONS, **{o.keyword: o for c in STRATEGIES.values() for o in c.declares}}
 
 EXACT_TOPOLOGIES: tuple[str, ...] = tuple(ALGORITHMS)
 TOPOLOGIES: tuple[str, ...] = EXACT_TOPOLOGIES + tuple(t for cls in STRATEGIES.values() for t in cls.topologies)

@@ -55,12 +55,15 @@ DEFAULT_BUCKET_BYTES = 4 << 20
 
 class Option(NamedTuple):
     """A ``DistributedOptimizer`` keyword, its command-line flag and its default (the value that means "not
-    asked for": any other value is a request the strategy must honour or refuse)."""
+    asked for": any other value is a request the strategy must honour or refuse). A strategy may declare
+    options of its own (``Strategy.declares``): the CLI then offers ``flag`` with ``choices``/``type``."""
 
     keyword: str
     flag: str
     default: Any
     meaning: str
+    choices: tuple[Any, ...] | None = None
+    type: Any = None
 
 
 OPTIONS: dict[str, Option] = {o.keyword: o for o in (
@@ -73,13 +76,13 @@ OPTIONS: dict[str, Option] = {o.keyword: o for o in (
     Option("average_every", "--average-every", 0, "local SGD: average parameters every H steps"),
     Option("zero", "--zero", False, "shard the optimizer state (ZeRO-1)"),
     Option("staleness", "--staleness", 0, "parameter server: bound on staleness"),
-    Option("gossip_graph", "--gossip-graph", "exponential", "gossip: who averages with whom"),
 )}
 
 
 def given(options: dict[str, Any]) -> dict[str, Any]:
     """The options whose value differs from their default: what the caller asked for."""
-    return {k: v for k, v in options.items() if k in OPTIONS and v != OPTIONS[k].default}
+    table = _all_options()
+    return {k: v for k, v in options.items() if k in table and v != table[k].default}
 
 
 class Strategy:
@@ -94,17 +97,18 @@ class Strategy:
     state: ClassVar[str] = REPLICATED
     nan_scope: ClassVar[str] = "all"
     checkpoints: ClassVar[bool] = True  # whether a training run with it can be checkpointed
+    declares: ClassVar[tuple[Option, ...]] = ()  # options of its own, beyond OPTIONS
 
     def __init__(self, algorithm: str, settings: dict[str, Any]) -> None:
         self.algorithm = algorithm  # the exact collective this strategy uses wherever it needs one
-        self.settings = {k: settings.get(k, o.default) for k, o in OPTIONS.items()}
+        self.settings = {k: settings.get(k, o.default) for k, o in _all_options().items()}
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:
         """Refuse (UserError) every option given a non-default value that this strategy does not honour."""
         for key in given(options):
             if key not in cls.options:
-                o = OPTIONS[key]
+                o = _all_options()[key]
                 applies = ", ".join(sorted(n for n in _registry() if key in _registry()[n].options)) or "none"
                 raise UserError(f"{o.keyword} ({o.flag}, {o.meaning}) does not apply to the {cls.name} strategy "
                                 f"({cls.summary}); it applies to: {applies}")
@@ -172,3 +176,8 @@ class Strategy:
 def _registry() -> dict[str, type[Strategy]]:
     from . import STRATEGIES
     return STRATEGIES
+
+
+def _all_options() -> dict[str, Option]:
+    from . import OPTIONS as everything
+    return everything

@@ -43,3 +43,6 @@ class ButterflyMixing(Strategy):
             with opt.timeline.span("mix parameters", "comm"):
                 mixing.mix(opt.parameter_buffers, opt.comm, opt.step_count, self.scratch,
                            self.settings["compression"])
+
+
+STRATEGY = ButterflyMixing

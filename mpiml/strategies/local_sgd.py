@@ -85,3 +85,6 @@ class LocalSGD(Strategy):
         opt.optimizer.load_state_dict(state)
         if anchor is not None and self.settings["compression"] != "none":
             self.anchor = [a.clone() for a in anchor]
+
+
+STRATEGY = LocalSGD

@@ -77,3 +77,6 @@ class ParameterServerStrategy(Strategy):
     def optimizer_state(self, opt: DistributedOptimizer) -> dict[str, Any]:
         raise UserError("--topology ps keeps the optimizer state on its server threads; checkpoints are not "
                         "supported with it (use an exact topology, butterfly-mixing, gossip or --average-every)")
+
+
+STRATEGY = ParameterServerStrategy

@@ -129,3 +129,6 @@ class Synchronous(Strategy):
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
+
+
+STRATEGY = Synchronous

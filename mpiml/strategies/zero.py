@@ -129,3 +129,6 @@ class ShardedState(Strategy):
     def state_bytes(self) -> int:
         from ..sharding import state_bytes
         return state_bytes(self.shard)
+
+
+STRATEGY = ShardedState
