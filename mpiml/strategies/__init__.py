@@ -41,6 +41,7 @@ _MODULES = (
     "local_sgd",
     "butterfly_mixing",
     "parameter_server",
+    "gossip",
 )
 STRATEGIES: dict[str, type[Strategy]] = {}
 for _module in _MODULES:
