@@ -77,6 +77,91 @@ def test_zero_staleness_equals_allreduce_averaged_sgd():
     assert ps.stats["server_updates"] == steps and ps.stats["server_max_staleness"] == 0
 
 
+def logreg_model(make, flat, d=5, c=3):
+    """W (d x c) in group 0 and b (c) in group 1 (another lr), views of ``flat``, under optimizer ``make``."""
+    w, b = flat[:d * c].view(d, c), flat[d * c:]
+    return make([{"params": [w]}, {"params": [b], "lr": 0.02}]), [w, b]
+
+
+LOGREG_SPANS, LOGREG_GROUPS = [(0, 0, 15), (0, 15, 18)], [0, 1]
+USER_OPTIMIZERS = {
+    "sgd": lambda groups: torch.optim.SGD(groups, lr=0.1, momentum=0.9, weight_decay=0.01),
+    "adam": lambda groups: torch.optim.Adam(groups, lr=0.05, betas=(0.8, 0.99), weight_decay=0.01),
+}
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # opt never steps
+@pytest.mark.parametrize("name", list(USER_OPTIMIZERS))
+def test_zero_staleness_runs_the_users_optimizer_bitwise_like_data_parallel_training(name):
+    """S = 0 with the user's optimizer, two groups and an lr scheduler: every rank's parameters after every
+    step equal, bit for bit, torch's optimizer stepping the whole model on the gradients averaged in rank
+    order (each rank computes that reference itself from every rank's random batch)."""
+    comm, steps = MPI.COMM_WORLD, 10
+    start = torch.randn(18, generator=torch.Generator().manual_seed(8))
+    make = USER_OPTIMIZERS[name]
+    ref = start.clone()
+    ref_opt, ref_params = logreg_model(make, ref)
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda t: min(1.0, (t + 1) / 4))
+    expected = []
+    for t in range(steps):
+        g = logreg_grad(ref, *batch(0, t))
+        for r in range(1, comm.size):
+            g += logreg_grad(ref, *batch(r, t))
+        g /= comm.size
+        ref_params[0].grad, ref_params[1].grad = g[:15].view(5, 3), g[15:]
+        ref_opt.step()
+        ref_sched.step()
+        expected.append(ref.clone())
+    params = start.clone()
+    opt, _ = logreg_model(make, params)  # the workers' optimizer: the servers step copies of it
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / 4))
+    ps = ParameterServer(params, comm, 0, opt, LOGREG_SPANS, LOGREG_GROUPS)
+    seen = []
+    for t in range(steps):
+        ps.push(logreg_grad(params, *batch(comm.rank, t)))
+        ps.pull()
+        sched.step()  # the next push carries the new lrs
+        seen.append(params.clone())
+    ps.finish()
+    same = identical_on_all_ranks(comm, params)
+    differ = [t + 1 for t in range(steps) if not torch.equal(seen[t], expected[t])]
+    assert not differ, f"rank {comm.rank} differs from the reference after steps {differ}"
+    assert torch.equal(params, expected[-1])
+    assert same
+    assert ps.stats["server_updates"] == steps
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("staleness", [2, UNBOUNDED])
+def test_adam_trains_with_stale_gradients_and_ends_identical(staleness):
+    comm, d = MPI.COMM_WORLD, 8
+    truth = torch.randn(d, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(200 + comm.rank)
+    x = torch.randn(64, d, generator=g)
+    y = x @ truth + 0.01 * torch.randn(64, generator=g)
+    params = torch.zeros(d)
+    opt = torch.optim.Adam([params], lr=0.05 / comm.size)  # each push moves about a full Adam step
+
+    def loss():
+        return comm.allreduce(float(((x @ params - y) ** 2).mean())) / comm.size
+
+    ps = ParameterServer(params, comm, staleness, opt)
+    before = loss()
+    for t in range(100):
+        rows = torch.arange(16 * t, 16 * t + 16) % 64
+        xb, yb = x[rows], y[rows]
+        if comm.rank == 0 and t % 10 == 0:
+            time.sleep(0.005)  # an uneven pace, so some gradients really are stale
+        ps.push(2 * xb.T @ (xb @ params - yb) / len(rows))
+        ps.pull()
+    ps.finish()
+    same = identical_on_all_ranks(comm, params)
+    after = loss()
+    assert after < 0.01 * before, f"mean squared error {before:.3f} -> {after:.4f} (S = {staleness})"
+    assert same
+
+
 # ---------------------------------------------------------------- the staleness bound, measured in the parameters
 
 
@@ -251,6 +336,17 @@ def test_bad_arguments_are_refused_on_every_rank():
             ParameterServer(torch.zeros(4), comm, comm.rank, lr=0.1)
         with pytest.raises(ValueError, match="initial parameters"):
             ParameterServer(torch.full((4,), float(comm.rank)), comm, 0, lr=0.1)
+        with pytest.raises(ValueError, match="hyper-parameters except lr"):
+            betas = (0.9, 0.9 + comm.rank / 100)
+            ParameterServer(torch.zeros(4), comm, 0, torch.optim.Adam([torch.zeros(4)], betas=betas))
+        with pytest.raises(ValueError, match="in optimizer \\(Adam on rank 0, AdamW on rank 1\\)"):
+            cls = torch.optim.AdamW if comm.rank else torch.optim.Adam
+            ParameterServer(torch.zeros(4), comm, 0, cls([torch.zeros(4)]))
+        with pytest.raises(ValueError, match="parameter layout"):
+            ParameterServer(torch.zeros(4), comm, 0, torch.optim.SGD([torch.zeros(4)]), [(0, 0, 3 + (comm.rank > 0))])
+    # the optimizers may differ from rank to rank in lr only (each push carries it)
+    sgd = torch.optim.SGD([torch.zeros(4)], lr=0.1 * (1 + comm.rank), weight_decay=0.5)
+    ParameterServer(torch.zeros(4), comm, 0, sgd, group_of=[0]).finish()
     ps = ParameterServer(torch.zeros(6), comm, 1, lr=0.1)
     with pytest.raises(ValueError, match="grads has 5 elements"):
         ps.push(torch.zeros(5))
