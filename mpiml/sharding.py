@@ -125,13 +125,14 @@ def load_shard_states(shard: torch.optim.Optimizer, pieces: Sequence[Piece], sav
     for s in saved:
         for (param, start, stop), st in zip(s["pieces"], s["state"], strict=True):
             covering.setdefault(param, []).append((start, stop, st))
+    stepped = any(st for s in saved for st in s["state"])  # before the first step there is no state at all
     for piece, tensor in zip(pieces, _leaves(shard, pieces), strict=True):
-        old = [c for c in covering.get(piece.param, []) if c[0] < piece.stop and c[1] > piece.start]
-        if not old or not any(st for _, _, st in old):
-            if any(st for _, _, st in covering.get(piece.param, [])):
+        old = [c for c in covering.get(piece.param, []) if c[0] < piece.stop and c[1] > piece.start and c[2]]
+        if not old:
+            if stepped:
                 raise ValueError(f"the saved optimizer state does not cover parameter {piece.param}'s elements "
                                  f"{piece.start}..{piece.stop}")
-            continue  # no state saved for this parameter (it never stepped)
+            continue
         state: dict[str, Any] = {}
         for key, value in old[0][2].items():
             if torch.is_tensor(value) and value.dim() == 1:
@@ -142,8 +143,8 @@ def load_shard_states(shard: torch.optim.Optimizer, pieces: Sequence[Piece], sav
                     part[a - piece.start:z - piece.start] = st[key][a - start:z - start]
                     covered += z - a
                 if covered != piece.stop - piece.start:
-                    raise ValueError(f"the saved optimizer state covers {covered} of parameter {piece.param}'s "
-                                     f"{piece.stop - piece.start} elements {piece.start}..{piece.stop}")
+                    raise ValueError(f"the saved optimizer state does not cover parameter {piece.param}'s elements "
+                                     f"{piece.start}..{piece.stop} (only {covered} of them)")
                 state[key] = part
             else:
                 state[key] = value.clone() if torch.is_tensor(value) else value

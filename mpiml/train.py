@@ -278,7 +278,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--fault", metavar="KIND:RANK:STEP",
                    help="failure testing: at global step STEP, rank RANK hangs, kills itself (SIGKILL), exits, "
                         "gets a NaN loss, or corrupts its parameters (KIND: hang, kill, exit, nan, corrupt)")
-    declared = [o for o in strategies.OPTIONS.values() if not hasattr(d, o.keyword)]
+    declared = [o for o in strategies.OPTIONS.values() if o.flag and not hasattr(d, o.keyword)]
     for o in declared:  # options a strategy declares itself (its own file is all it takes)
         p.add_argument(o.flag, dest=o.keyword, default=o.default, choices=o.choices, type=o.type,
                        help=f"{o.meaning} (default %(default)s)")

@@ -54,9 +54,10 @@ DEFAULT_BUCKET_BYTES = 4 << 20
 
 
 class Option(NamedTuple):
-    """A ``DistributedOptimizer`` keyword, its command-line flag and its default (the value that means "not
-    asked for": any other value is a request the strategy must honour or refuse). A strategy may declare
-    options of its own (``Strategy.declares``): the CLI then offers ``flag`` with ``choices``/``type``."""
+    """A ``DistributedOptimizer`` keyword, its command-line flag ("" where there is none) and its default
+    (the value that means "not asked for": any other value is a request the strategy must honour or
+    refuse). A strategy may declare options of its own (``Strategy.declares``): the CLI then offers
+    ``flag`` with ``choices``/``type``."""
 
     keyword: str
     flag: str
@@ -70,8 +71,8 @@ OPTIONS: dict[str, Option] = {o.keyword: o for o in (
     Option("overlap", "--overlap/--no-overlap", None, "allreduce gradient buckets during backward"),
     Option("bucket_bytes", "--bucket-bytes", DEFAULT_BUCKET_BYTES, "gradient bucket size"),
     Option("compression", "--compression", "none", "fp16/bf16 on the wire"),
-    Option("backward_passes_per_step", "--backward-passes-per-step", 1, "accumulate gradients locally"),
-    Option("poll_interval", "--poll-interval", None, "how waits for the network wait"),
+    Option("backward_passes_per_step", "", 1, "accumulate gradients locally"),
+    Option("poll_interval", "", None, "how waits for the network wait"),
     Option("check_consistency_every", "--check-consistency-every", 0, "compare replicas' fingerprints"),
     Option("average_every", "--average-every", 0, "local SGD: average parameters every H steps"),
     Option("zero", "--zero", False, "shard the optimizer state (ZeRO-1)"),
@@ -110,7 +111,8 @@ class Strategy:
             if key not in cls.options:
                 o = _all_options()[key]
                 applies = ", ".join(sorted(n for n in _registry() if key in _registry()[n].options)) or "none"
-                raise UserError(f"{o.keyword} ({o.flag}, {o.meaning}) does not apply to the {cls.name} strategy "
+                flag = f"{o.flag}, " if o.flag else ""
+                raise UserError(f"{o.keyword} ({flag}{o.meaning}) does not apply to the {cls.name} strategy "
                                 f"({cls.summary}); it applies to: {applies}")
 
     @property

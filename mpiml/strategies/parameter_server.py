@@ -59,7 +59,6 @@ class ParameterServerStrategy(Strategy):
     def apply(self, opt: DistributedOptimizer) -> None:
         grads = opt.gradient_buffers[0]
         start = time.perf_counter()
-        self.server.set_lrs([g["lr"] for g in opt.optimizer.param_groups])
         self.server.push(grads)
         self.server.pull()
         k = opt.comm.Get_size()

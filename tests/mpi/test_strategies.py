@@ -67,7 +67,7 @@ def test_every_strategy_option_pair_is_honoured_or_refused(name, option):
                 build(cls, {option: EXAMPLES[option]})
     else:
         flag = strategies.OPTIONS[option].flag
-        with pytest.raises(mpiml.UserError, match=rf"^{option} \({flag}.*does not apply to the {name} strategy"):
+        with pytest.raises(mpiml.UserError, match=rf"^{option} \({flag}.*\) does not apply to the {name} strategy"):
             build(cls, {option: EXAMPLES[option]})
 
 
