@@ -10,9 +10,13 @@ allgather). Rank r then steps **the user's own optimizer class**, with the
 same parameter groups' hyper-parameters, on that segment only
 (``mpiml.sharding``): momentum, Adam's moments and the like exist for 1/K of
 the parameters per rank. Then the updated segments are **allgathered**, in
-place, so every rank again holds the whole model, bitwise equal to
-synchronous training over the same algorithm for element-wise optimizers
-(SGD, Adam, AdamW, RMSprop...).
+place, so every rank again holds the whole model. For element-wise
+optimizers (SGD, Adam, AdamW, RMSprop...) that is bitwise equal to
+synchronous training over the same algorithm *when synchronous training
+reduces the gradients as one bucket* (``bucket_bytes`` at least the
+model's size); with smaller buckets ring sums each element in an order that
+depends on where it falls in its bucket, so at K >= 3 the two differ in the
+last bits (measured: docs/strategies_results.md).
 
 Why an option on an exact topology rather than a topology of its own: the
 sharding composes with every exact algorithm (ring, tree, butterfly, mpi,
