@@ -17,7 +17,16 @@ import subprocess
 import sys
 import tempfile
 
-TOPOLOGIES = ["mpi", "ring", "tree", "butterfly", "butterfly-mixing"]
+
+def registered_topologies() -> list[str]:
+    """Every ``--topology`` name, from the strategy registry (``mpiml.strategies.TOPOLOGIES``).
+
+    MPI is not initialised in this process: it only launches ``mpiexec``."""
+    import mpi4py
+    mpi4py.rc.initialize = False
+    mpi4py.rc.finalize = False
+    from mpiml.strategies import TOPOLOGIES
+    return list(TOPOLOGIES)
 
 
 def run_one(ranks: int, topology: str, epochs: int, extra: list[str]) -> dict:
@@ -37,12 +46,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", default="1,2,4")
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
+    parser.add_argument("--topologies", default=None,
+                        help="comma-separated; default: every registered topology (mpiml.strategies.TOPOLOGIES)")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("extra", nargs="*", help="flags passed to mpiml.train (after --)")
     args = parser.parse_args()
     ranks = [int(k) for k in args.ranks.split(",")]
-    topologies = args.topologies.split(",")
+    topologies = args.topologies.split(",") if args.topologies else registered_topologies()
     results = {t: {k: run_one(k, t, args.epochs, args.extra) for k in ranks} for t in topologies}
     print("| topology | " + " | ".join(f"K = {k}" for k in ranks) + " |")
     print("|---|" + "---|" * len(ranks))
