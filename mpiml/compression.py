@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 __all__ = ["Compressor", "NoneCompressor", "FP16Compressor", "BF16Compressor", "Compression", "COMPRESSORS",
-           "compressor", "is_lossy", "reduce_compressed"]
+           "compressor", "is_lossy", "reduce_compressed", "Prepared", "scale_factors", "prepare_reduce",
+           "finish_reduce"]
 
 
 class Compressor(abc.ABC):
@@ -102,6 +103,53 @@ def is_lossy(c: type[Compressor] | Compressor) -> bool:
     return not (c is NoneCompressor or isinstance(c, NoneCompressor))
 
 
+class Prepared(NamedTuple):
+    """A tensor made ready to be summed through a compressor: what to send, and how to undo it."""
+
+    wire: torch.Tensor
+    """The pre-scaled, compressed tensor to sum across ranks."""
+    ctx: Any
+    """The compressor's context, for ``decompress``."""
+    after: float
+    """The factor applied after decompressing (1.0: none)."""
+    floor_div: int
+    """For an integer tensor being averaged: divide by this after the sum (rounding down); else 0."""
+
+
+def scale_factors(c: type[Compressor] | Compressor, dtype: torch.dtype, size: int, average: bool,
+                  prescale: float = 1.0, postscale: float = 1.0) -> tuple[float, float]:
+    """(before, after): the factors a ``dtype`` tensor is scaled by before compressing and after decompressing.
+
+    Averaging through a lossy compressor puts the 1/K before the cast (each share fits where the sum may
+    not); otherwise after the sum."""
+    lossy = is_lossy(c) and dtype.is_floating_point
+    before = prescale * (1.0 / size if average and lossy else 1.0)
+    after = postscale * (1.0 / size if average and not lossy else 1.0)
+    return before, after
+
+
+def prepare_reduce(tensor: torch.Tensor, c: type[Compressor] | Compressor, size: int, average: bool,
+                   prescale: float = 1.0, postscale: float = 1.0) -> Prepared:
+    """The first half of ``reduce_compressed``: scale and compress ``tensor`` (for asynchronous sums)."""
+    floating = tensor.dtype.is_floating_point
+    before, after = scale_factors(c, tensor.dtype, size, average, prescale, postscale)
+    if floating and before != 1.0:
+        tensor = tensor * before
+    wire, ctx = c.compress(tensor)
+    return Prepared(wire, ctx, after if floating else 1.0, size if average and not floating else 0)
+
+
+def finish_reduce(summed: torch.Tensor, prepared: Prepared, c: type[Compressor] | Compressor) -> torch.Tensor:
+    """The second half of ``reduce_compressed``: decompress the sum of the wires and scale it."""
+    out = c.decompress(summed, prepared.ctx)
+    if prepared.after != 1.0:
+        out = out * prepared.after if out.requires_grad else out.mul_(prepared.after)  # autograd: out of place
+    elif prepared.floor_div:
+        out = (out.div(prepared.floor_div, rounding_mode="floor") if out.requires_grad
+               else out.div_(prepared.floor_div, rounding_mode="floor"))
+    return out
+
+
 def reduce_compressed(tensor: torch.Tensor, c: type[Compressor] | Compressor, size: int, average: bool,
                       reduce_sum: Callable[[torch.Tensor], torch.Tensor | None],
                       prescale: float = 1.0, postscale: float = 1.0) -> torch.Tensor:
@@ -111,18 +159,10 @@ def reduce_compressed(tensor: torch.Tensor, c: type[Compressor] | Compressor, si
     floating-point tensor is scaled by ``prescale`` (times 1/K when averaging through a lossy
     compressor) before compressing, and by ``postscale`` (times 1/K when averaging without a lossy
     compressor) after decompressing: with fp16 the mean is then the sum of shares that each fit.
-    The result may be ``tensor`` itself (no-op compressor, summed in place) or a new tensor."""
-    floating = tensor.dtype.is_floating_point
-    lossy = is_lossy(c) and floating
-    before = prescale * (1.0 / size if average and lossy else 1.0)
-    after = postscale * (1.0 / size if average and not lossy else 1.0)
-    if floating and before != 1.0:
-        tensor = tensor * before
-    wire, ctx = c.compress(tensor)
-    summed = reduce_sum(wire)
-    out = c.decompress(wire if summed is None else summed, ctx)
-    if floating and after != 1.0:
-        out.mul_(after)
-    elif not floating and average:
-        out.div_(size, rounding_mode="floor")
-    return out
+    The result may be ``tensor`` itself (no-op compressor, summed in place) or a new tensor.
+
+    ``prepare_reduce`` and ``finish_reduce`` are its two halves, for callers whose sum is asynchronous
+    (``mpiml.torch``): the same arithmetic, so the same bits for the same sum."""
+    prepared = prepare_reduce(tensor, c, size, average, prescale, postscale)
+    summed = reduce_sum(prepared.wire)
+    return finish_reduce(prepared.wire if summed is None else summed, prepared, c)

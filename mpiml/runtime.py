@@ -31,10 +31,9 @@ from typing import Any, NoReturn, TypeVar
 from mpi4py import MPI
 
 __all__ = ["init", "is_initialized", "rank", "size", "local_rank", "local_size", "world", "UserError",
-           "agree", "abort_on_exception", "abort", "ABORT_GRACE_SECONDS", "ENDING_GRACE_SECONDS"]
+           "agree", "topology", "abort_on_exception", "abort", "ABORT_GRACE_SECONDS", "ENDING_GRACE_SECONDS"]
 
 T = TypeVar("T")
-_local: MPI.Comm | None = None
 ABORT_GRACE_SECONDS = 1.0  # for the launcher to forward what was printed before the abort kills everyone
 ENDING_GRACE_SECONDS = 10.0  # for every rank to reach the end after an error that should be everyone's
 
@@ -123,29 +122,43 @@ def size() -> int:
     return MPI.COMM_WORLD.Get_size()
 
 
-def _local_comm() -> MPI.Comm:
-    global _local
-    if _local is None:
-        _local = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED, key=MPI.COMM_WORLD.Get_rank())
-    return _local
+def topology(comm: MPI.Comm | None = None) -> Any:
+    """How ``comm``'s ranks (default COMM_WORLD) sit on hosts: ``mpiml.collectives.hier.topology`` of
+    ``comm``'s private duplicate, the one layout that hier, auto and DistributedOptimizer use.
+
+    Made once per communicator and cached on it. The first call is collective over ``comm``: every
+    rank of ``comm`` must make it (later calls only read the cache). Nothing but ``comm`` (and the
+    communicators derived from it and cached on it) is touched. Fields: ``local`` / ``local_size``
+    (this rank among its host's ranks), ``cross`` (the communicator of the ranks with this local
+    rank, one per host), ``hosts``, ``uniform`` (every host holds the same number of ranks)."""
+    from .collectives import hier, private_comm
+    return hier.topology(private_comm(comm))
 
 
-def local_rank() -> int:
-    """This rank's index among the ranks on its host."""
-    return _local_comm().Get_rank()
+def local_rank(comm: MPI.Comm | None = None) -> int:
+    """This rank's index among the ranks of ``comm`` (default COMM_WORLD) on its host.
+
+    Collective over ``comm`` the first time (see ``topology``)."""
+    return int(topology(comm).local)
 
 
-def local_size() -> int:
-    """How many ranks share this host."""
-    return _local_comm().Get_size()
+def local_size(comm: MPI.Comm | None = None) -> int:
+    """How many ranks of ``comm`` (default COMM_WORLD) share this host.
+
+    Collective over ``comm`` the first time (see ``topology``)."""
+    return int(topology(comm).local_size)
 
 
-def agree(comm: MPI.Comm, fn: Callable[[], T], errors: tuple[type[BaseException], ...] = (UserError,)) -> T:
-    """Run ``fn`` on every rank; if it raised one of ``errors`` anywhere, raise UserError everywhere.
+def agree(comm: MPI.Comm, fn: Callable[[], T], errors: tuple[type[BaseException], ...] = (UserError,),
+          raise_as: Callable[[str], BaseException] = UserError) -> T:
+    """Run ``fn`` on every rank; if it raised one of ``errors`` anywhere, raise ``raise_as`` (UserError) everywhere.
 
     The message lists each distinct problem once with the ranks that hit it,
     so a bad file named on the command line is reported once, not K times,
     and ranks whose part went fine do not wait forever for the others.
+    A problem every rank shares is reported without ranks. The exception
+    raised carries ``ranks``, the ranks that had a problem (in order).
+    Collective over ``comm``: every rank must call it.
     """
     result: Any = None
     problem = None
@@ -160,9 +173,16 @@ def agree(comm: MPI.Comm, fn: Callable[[], T], errors: tuple[type[BaseException]
             if p is not None:
                 by_message.setdefault(p, []).append(r)
         if len(by_message) == 1 and len(next(iter(by_message.values()))) == comm.Get_size():
-            raise UserError(next(iter(by_message)))
-        lines = [f"{msg} (rank{'s' if len(rs) > 1 else ''} {','.join(map(str, rs))})" for msg, rs in by_message.items()]
-        raise UserError("; ".join(lines))
+            message = next(iter(by_message))
+        else:
+            message = "; ".join(f"{msg} (rank{'s' if len(rs) > 1 else ''} {','.join(map(str, rs))})"
+                                for msg, rs in by_message.items())
+        error = raise_as(message)
+        try:
+            error.ranks = [r for r, p in enumerate(problems) if p is not None]  # type: ignore[attr-defined]
+        except AttributeError:  # an exception class with __slots__
+            pass
+        raise error
     return result
 
 

@@ -16,9 +16,15 @@ names where Horovod has one:
 
 A value ``init()`` cannot use (``HOROVOD_CYCLE_TIME=inf``, a negative
 number, an unknown algorithm) ends the job as a bad command line does:
-every rank exits with status 2 and the first rank with the problem prints
-one ``mpiml.torch: error: ...`` line, instead of each rank printing a
-traceback.
+every rank exits with status 2 and rank 0 prints one
+``mpiml.torch: error: ...`` line (agreed through ``mpiml.runtime.agree``:
+it names the ranks with the problem unless all had it), instead of each
+rank printing a traceback.
+
+``local_rank``/``local_size``/``cross_rank``/``cross_size``/``is_homogeneous``
+read ``mpiml.runtime.topology`` of the communicator ``init`` was given
+(computed there, on every rank, and cached on that communicator; the same
+layout mpiml's collectives use), so they never communicate afterwards.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any
 
 from mpi4py import MPI
 
+from .. import runtime
 from ..run import check_algorithm, setting_value
 from .engine import Engine
 from .requests import HorovodInternalError, ReduceOp
@@ -48,11 +55,10 @@ NOT_INITIALIZED = "Horovod has not been initialized; use hvd.init()."
 
 
 class _State:
-    def __init__(self, comm: MPI.Intracomm, engine: Engine) -> None:
+    def __init__(self, comm: MPI.Intracomm, engine: Engine, topology: Any) -> None:
         self.comm = comm
         self.engine = engine
-        self.local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-        self.cross = comm.Split(color=self.local.Get_rank(), key=comm.Get_rank())
+        self.topology = topology  # runtime.topology(comm): cached on comm, shared with mpiml, not freed here
 
 
 _state: _State | None = None
@@ -88,19 +94,16 @@ def settings() -> dict[str, Any]:
 
 
 def _agreed_settings(comm: MPI.Intracomm) -> dict[str, Any]:
-    """``settings()``, or SystemExit(2) on every rank if any rank's environment is unusable (one line printed)."""
+    """``settings()``, or SystemExit(2) on every rank if any rank's environment is unusable (one line printed).
+
+    Agreed through ``mpiml.runtime.agree`` (collective: no rank goes on to start an engine the others
+    will not); rank 0 prints the one message, which names the ranks unless all of them had it."""
     try:
-        config, problem = settings(), None
-    except ValueError as e:
-        config, problem = {}, str(e)
-    problems = comm.allgather(problem)  # collective: no rank goes on to start an engine the others will not
-    first = next((r for r, p in enumerate(problems) if p is not None), None)
-    if first is None:
-        return config
-    if comm.Get_rank() == first:
-        where = "" if all(p == problem for p in problems) else f" (rank {first})"
-        print(f"mpiml.torch: error: {problem}{where}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+        return runtime.agree(comm, settings, errors=(ValueError,))
+    except runtime.UserError as e:
+        if comm.Get_rank() == 0:
+            print(f"mpiml.torch: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def init(comm: MPI.Intracomm | list[int] | None = None, process_sets: Any = None) -> None:
@@ -126,7 +129,9 @@ def init(comm: MPI.Intracomm | list[int] | None = None, process_sets: Any = None
     if MPI.Query_thread() < MPI.THREAD_SERIALIZED:
         raise RuntimeError("mpiml.torch needs MPI initialised with at least MPI_THREAD_SERIALIZED "
                            "(mpi4py's default is THREAD_MULTIPLE)")
-    _state = _State(comm, Engine(comm, **_agreed_settings(comm)))
+    config = _agreed_settings(comm)
+    topology = runtime.topology(comm)  # collective on comm, so here, where every rank is; cached for later
+    _state = _State(comm, Engine(comm, **config), topology)
     if not _atexit_registered:
         atexit.register(_shutdown_at_exit)
         _atexit_registered = True
@@ -157,8 +162,6 @@ def shutdown() -> None:
     if state is None:
         return
     state.engine.shutdown()
-    for c in (state.local, state.cross):
-        c.Free()
 
 
 def is_initialized() -> bool:
@@ -185,28 +188,28 @@ def rank() -> int:
 
 
 def local_size() -> int:
-    """Ranks on this host."""
-    return _get().local.Get_size()
+    """Ranks on this host (of the communicator ``init`` was given; ``mpiml.runtime.topology``)."""
+    return int(_get().topology.local_size)
 
 
 def local_rank() -> int:
-    return _get().local.Get_rank()
+    """This rank's index among the ranks on its host."""
+    return int(_get().topology.local)
 
 
 def cross_size() -> int:
     """Ranks with this rank's local rank, one per host (the number of hosts, when they hold equal counts)."""
-    return _get().cross.Get_size()
+    return int(_get().topology.cross.Get_size())
 
 
 def cross_rank() -> int:
-    return _get().cross.Get_rank()
+    """This rank's index among the ranks with its local rank (its host's index, when hosts hold equal counts)."""
+    return int(_get().topology.cross.Get_rank())
 
 
 def is_homogeneous() -> bool:
-    """Whether every host runs the same number of ranks."""
-    state = _get()
-    counts = state.comm.allgather(state.local.Get_size())
-    return len(set(counts)) == 1
+    """Whether every host runs the same number of ranks (known since ``init``: no communication)."""
+    return bool(_get().topology.uniform)
 
 
 def start_timeline(file_path: str, mark_cycles: bool = False) -> None:

@@ -1,6 +1,8 @@
 """Broadcasting models, optimizer state and Python objects; gathering objects.
 
-``broadcast_optimizer_state`` works for every ``torch.optim`` optimizer,
+``broadcast_optimizer_state`` is ``mpiml.params.broadcast_optimizer_state``
+(one implementation for mpiml and mpiml.torch) run on the communicator
+``hvd.init`` was given. It works for every ``torch.optim`` optimizer,
 including state that is created lazily on the first ``step()``:
 
 1. if the root's optimizer has no state yet, the root creates it the way
@@ -14,8 +16,8 @@ including state that is created lazily on the first ``step()``:
 2. the root broadcasts the *structure* of its ``state_dict()`` (every
    scalar, hyper-parameter and nested list, with each tensor replaced by
    its shape and dtype) as one pickled object;
-3. every tensor is broadcast (fused into few collectives), and the other
-   ranks ``load_state_dict()`` the result. So ranks whose optimizers have
+3. the tensors' bytes are broadcast as one buffer, and the other ranks
+   ``load_state_dict()`` the result. So ranks whose optimizers have
    not stepped yet, or have state for other parameters, end identical to
    the root.
 """
@@ -27,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .. import params
 from . import basics
 from .basics import global_process_set
 from .movement import allgather_async, broadcast_async_
@@ -124,121 +127,11 @@ def broadcast_parameters(params: Any, root_rank: int, process_set: Any = global_
             original.copy_(copy)
 
 
-class _Slot:
-    """Stands for one tensor of a state dict while its structure travels."""
-
-    __slots__ = ("index", "shape", "dtype")
-
-    def __init__(self, index: int, shape: tuple[int, ...], dtype: str) -> None:
-        self.index, self.shape, self.dtype = index, shape, dtype
-
-    def __getstate__(self) -> tuple[int, tuple[int, ...], str]:
-        return self.index, self.shape, self.dtype
-
-    def __setstate__(self, state: tuple[int, tuple[int, ...], str]) -> None:
-        self.index, self.shape, self.dtype = state
-
-
-def _strip(obj: Any, tensors: list[torch.Tensor]) -> Any:
-    """``obj`` with every tensor replaced by a ``_Slot`` (the tensors are appended to ``tensors``)."""
-    if isinstance(obj, torch.Tensor):
-        tensors.append(obj)
-        return _Slot(len(tensors) - 1, tuple(obj.shape), str(obj.dtype).removeprefix("torch."))
-    if isinstance(obj, dict):
-        return {k: _strip(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_strip(v, tensors) for v in obj)
-    return obj
-
-
-def _fill(obj: Any, tensors: list[torch.Tensor]) -> Any:
-    if isinstance(obj, _Slot):
-        return tensors[obj.index]
-    if isinstance(obj, dict):
-        return {k: _fill(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_fill(v, tensors) for v in obj)
-    return obj
-
-
-def _zero_missing_grads(optimizer: torch.optim.Optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Give every trainable parameter without a gradient a zero one (as Horovod does); returns (param, copy)."""
-    saved = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.requires_grad:
-                saved.append((p, p.detach().clone()))
-                if p.grad is None:
-                    zero = torch.zeros_like(p)
-                    p.grad = zero.to_sparse() if isinstance(optimizer, torch.optim.SparseAdam) else zero
-    return saved
-
-
-def _create_state(optimizer: torch.optim.Optimizer) -> None:
-    """One step on zero gradients, so the optimizer's lazily created state exists; parameters are kept."""
-    if isinstance(optimizer, torch.optim.LBFGS):
-        return
-    saved = _zero_missing_grads(optimizer)
-    grads = [(p, p.grad) for p, _ in saved]
-    for p, _ in saved:
-        p.grad = torch.zeros_like(p.grad)
-    if getattr(optimizer, "_mpiml_distributed", False):
-        super(optimizer.__class__, optimizer).step()  # the wrapped class's step: no gradient exchange
-    else:
-        optimizer.step()
-    with torch.no_grad():
-        for (p, data), (_, grad) in zip(saved, grads, strict=True):
-            p.copy_(data)
-            p.grad = grad
-
-
-def _skeleton(optimizer: torch.optim.Optimizer) -> tuple[Any, list[torch.Tensor]]:
-    """The root's state dict as (structure, tensors), or ("error", message) for what cannot travel."""
-    if not optimizer.state_dict()["state"]:
-        _create_state(optimizer)
-    tensors: list[torch.Tensor] = []
-    structure = _strip(optimizer.state_dict(), tensors)
-    for t in tensors:
-        if t.device.type != "cpu" or t.layout != torch.strided or t.dtype.is_complex:
-            return ("error", f"broadcast_optimizer_state: cannot broadcast a {t.dtype} {t.layout} state tensor "
-                             f"on {t.device}"), []
-    return ("ok", structure), [t.contiguous() for t in tensors]
-
-
 def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int,
                               process_set: Any = global_process_set) -> None:
-    """Give every rank ``root_rank``'s optimizer state: hyper-parameters and per-parameter state."""
+    """Give every rank ``root_rank``'s optimizer state: hyper-parameters and per-parameter state.
+
+    ``mpiml.params.broadcast_optimizer_state`` (the one implementation, shared with
+    ``mpiml.broadcast_optimizer_state``) on the communicator ``hvd.init`` was given; see there."""
     basics.check_process_set(process_set)
-    root = basics.rank() == root_rank
-    payload: Any = None
-    tensors: list[torch.Tensor] = []
-    if root:
-        try:
-            payload, tensors = _skeleton(optimizer)
-        except Exception as e:  # noqa: BLE001 - every rank must hear about it, not just the root
-            payload = ("error", f"broadcast_optimizer_state: rank {root_rank} could not prepare its state: {e!r}")
-    status, structure = broadcast_object(payload, root_rank, name="broadcast_optimizer_state")
-    if status == "error":
-        raise ValueError(structure)
-    if not root:
-        slots: list[_Slot] = []
-        _collect_slots(structure, slots)
-        tensors = [torch.empty(s.shape, dtype=getattr(torch, s.dtype)) for s in sorted(slots, key=lambda s: s.index)]
-    handles = [broadcast_async_(t, root_rank, f"broadcast_optimizer_state.{i}") for i, t in enumerate(tensors)]
-    for h in handles:
-        synchronize(h)
-    if not root:
-        if not optimizer.state_dict()["state"]:
-            _zero_missing_grads(optimizer)  # as on the root (and as Horovod): fresh optimizers get zero gradients
-        optimizer.load_state_dict(_fill(structure, tensors))
-
-
-def _collect_slots(obj: Any, out: list[_Slot]) -> None:
-    if isinstance(obj, _Slot):
-        out.append(obj)
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            _collect_slots(v, out)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _collect_slots(v, out)
+    params.broadcast_optimizer_state(optimizer, root=root_rank, comm=basics._get().comm)

@@ -25,16 +25,17 @@ from typing import Any
 
 import torch
 
+from ..compression import Prepared, finish_reduce, is_lossy, prepare_reduce
 from . import basics
 from .basics import Average, global_process_set
 from .compression import Compression, Compressor
 from .negotiation import Meta
-from .requests import Handle, HorovodInternalError, ReduceOp, Request, check_tensor, dtype_name
+from .requests import Handle, HorovodInternalError, ReduceOp, Request, check_tensor, dtype_name, scaled
 
 __all__ = ["allreduce", "allreduce_", "allreduce_async", "allreduce_async_", "grouped_allreduce",
            "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_", "poll", "synchronize",
            "join", "barrier", "submit", "by_dtype", "resolve_op", "next_handle", "HorovodAllreduce",
-           "HorovodGroupedAllreduce"]
+           "HorovodGroupedAllreduce", "compressed_sum", "prepare_compressed", "finish_compressed"]
 
 # handle -> (engine handles, function turning their results into what synchronize() returns)
 _handle_map: dict[int, tuple[list[Handle], Callable[[list[Any]], Any]]] = {}
@@ -221,10 +222,49 @@ class HorovodAllreduce(torch.autograd.Function):
         return (grad, None, None, None, None, None, None)
 
 
+def compressed_sum(compression: Any, op: ReduceOp, tensors: list[torch.Tensor]) -> bool:
+    """Whether an allreduce with ``compression`` and ``op`` runs as ``mpiml.compression.reduce_compressed``:
+    a lossy compressor, a sum or an average, and a floating-point tensor among ``tensors``. Then every
+    tensor is scaled before it is compressed (an average's 1/size too, for floating point) and the
+    engine only sums the compressed tensors; otherwise the compressed tensors are reduced with ``op``
+    and the engine scales them, as in Horovod."""
+    return op in (ReduceOp.Average, ReduceOp.Sum) and is_lossy(compression) and any(
+        t.dtype.is_floating_point for t in tensors)
+
+
+def prepare_compressed(tensor: torch.Tensor, compression: Any, op: ReduceOp, prescale_factor: float,
+                       postscale_factor: float) -> Prepared:
+    """``prepare_reduce`` for a floating-point tensor; for an integer one, Horovod's arithmetic (the engine's)."""
+    if tensor.dtype.is_floating_point:
+        return prepare_reduce(tensor, compression, basics.size(), op == ReduceOp.Average, prescale_factor,
+                              postscale_factor)
+    wire, ctx = compression.compress(scaled(tensor, prescale_factor, tensor.dtype))
+    after = postscale_factor / basics.size() if op == ReduceOp.Average else postscale_factor
+    return Prepared(wire, ctx, after, 0)
+
+
+def finish_compressed(summed: torch.Tensor, prepared: Prepared, compression: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The result of an allreduce prepared by ``prepare_compressed`` from the sum of its wire tensors."""
+    if dtype.is_floating_point:
+        return finish_reduce(summed, prepared, compression)
+    out = compression.decompress(summed, prepared.ctx)
+    return scaled(out, prepared.after, out.dtype)
+
+
 def allreduce(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
               compression: type[Compressor] = Compression.none, op: Any = None, prescale_factor: float = 1.0,
               postscale_factor: float = 1.0, process_set: Any = global_process_set) -> torch.Tensor:
-    """Average (by default) ``tensor`` over all ranks; a new tensor, differentiable. ``tensor`` is unchanged."""
+    """Average (by default) ``tensor`` over all ranks; a new tensor, differentiable. ``tensor`` is unchanged.
+
+    With a lossy ``compression`` (fp16), a floating-point sum or average runs as
+    ``mpiml.compression.reduce_compressed``: scaled (average: by 1/size) before it is compressed."""
+    if is_lossy(compression) and tensor.dtype.is_floating_point:
+        resolved = resolve_op(op, average)
+        if compressed_sum(compression, resolved, [tensor]):
+            prepared = prepare_compressed(tensor, compression, resolved, prescale_factor, postscale_factor)
+            summed = HorovodAllreduce.apply(prepared.wire, None, name, ReduceOp.Sum, 1.0, 1.0, process_set)
+            return finish_compressed(summed, prepared, compression, tensor.dtype)
+        op, average = resolved, None
     compressed, ctx = compression.compress(tensor)
     reduced = HorovodAllreduce.apply(compressed, average, name, op, prescale_factor, postscale_factor, process_set)
     return compression.decompress(reduced, ctx)
@@ -292,7 +332,18 @@ class HorovodGroupedAllreduce(torch.autograd.Function):
 def grouped_allreduce(tensors: list[torch.Tensor], average: bool | None = None, name: str | None = None,
                       compression: type[Compressor] = Compression.none, op: Any = None, prescale_factor: float = 1.0,
                       postscale_factor: float = 1.0, process_set: Any = global_process_set) -> list[torch.Tensor]:
-    """Allreduce a list of tensors together; new tensors, differentiable."""
+    """Allreduce a list of tensors together; new tensors, differentiable (compression: as ``allreduce``)."""
+    tensors = list(tensors)
+    if is_lossy(compression) and any(t.dtype.is_floating_point for t in tensors):
+        resolved = resolve_op(op, average)
+        if compressed_sum(compression, resolved, tensors):
+            prepared = [prepare_compressed(t, compression, resolved, prescale_factor, postscale_factor)
+                        for t in tensors]
+            summed = HorovodGroupedAllreduce.apply(None, name, ReduceOp.Sum, 1.0, 1.0, process_set,
+                                                   *[p.wire for p in prepared])
+            return [finish_compressed(s, p, compression, t.dtype)
+                    for s, p, t in zip(summed, prepared, tensors, strict=True)]
+        op, average = resolved, None
     compressed, ctxs = zip(*[compression.compress(t) for t in tensors], strict=True) if tensors else ((), ())
     reduced = HorovodGroupedAllreduce.apply(average, name, op, prescale_factor, postscale_factor, process_set,
                                             *compressed)

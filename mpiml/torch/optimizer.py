@@ -21,7 +21,10 @@ gradients would be applied unaveraged).
 before each allreduce; ``gradient_predivide_factor=f`` (with ``op=Average``)
 scales by 1/f before the sum and f/size after it; ``groups`` (an int, or
 lists of parameters) allreduces parameters together as
-``grouped_allreduce``; ``compression=Compression.fp16`` sends float16.
+``grouped_allreduce``; ``compression=Compression.fp16`` sends float16,
+scaled by 1/size (and 1/f) *before* the cast, as
+``mpiml.compression.reduce_compressed`` does for ``mpiml.DistributedOptimizer``,
+so an average whose float16 sum would overflow still fits.
 """
 
 from __future__ import annotations
@@ -33,12 +36,21 @@ from typing import Any
 
 import torch
 
+from ..compression import Prepared
 from . import basics
 from .basics import Average, global_process_set
 from .compression import Compression, Compressor
 from .functions import broadcast_object
 from .movement import sparse_allreduce_async
-from .ops import allreduce_async_, grouped_allreduce_async_, resolve_op, synchronize
+from .ops import (
+    allreduce_async_,
+    compressed_sum,
+    finish_compressed,
+    grouped_allreduce_async_,
+    prepare_compressed,
+    resolve_op,
+    synchronize,
+)
 from .requests import ReduceOp
 
 __all__ = ["DistributedOptimizer"]
@@ -156,7 +168,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ allreduces
     def _scale_factors(self) -> tuple[float, float]:
-        if self.op == Average:  # the engine multiplies the postscale by 1/size for Average
+        """(prescale, postscale) for gradient_predivide_factor; Average's 1/size comes on top (in the engine,
+        or before compressing with a lossy compressor: ``prepare_compressed``)."""
+        if self.op == Average:
             return 1.0 / self.gradient_predivide_factor, self.gradient_predivide_factor
         return 1.0, 1.0
 
@@ -169,8 +183,11 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             if not self.sparse_as_dense:
                 return sparse_allreduce_async(tensor, name=name, op=self.op), None
             tensor = tensor.to_dense()
-        compressed, ctx = self._compression.compress(tensor)
         pre, post = self._scale_factors()
+        if compressed_sum(self._compression, self.op, [tensor]):  # mpiml.compression.reduce_compressed's way
+            prepared = prepare_compressed(tensor, self._compression, self.op, *self._scale_factors())
+            return allreduce_async_(prepared.wire, name=name, op=ReduceOp.Sum), prepared
+        compressed, ctx = self._compression.compress(tensor)
         handle = allreduce_async_(compressed, name=name, op=self.op, prescale_factor=pre, postscale_factor=post)
         return handle, ctx
 
@@ -178,11 +195,20 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         for p in group:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        name = self._parameter_names.get(group[0])
+        if compressed_sum(self._compression, self.op, [p.grad for p in group]):
+            prepared = [prepare_compressed(p.grad, self._compression, self.op, *self._scale_factors()) for p in group]
+            return grouped_allreduce_async_([q.wire for q in prepared], name=name, op=ReduceOp.Sum), prepared
         compressed, ctxs = zip(*[self._compression.compress(p.grad) for p in group], strict=True)
         pre, post = self._scale_factors()
-        handle = grouped_allreduce_async_(list(compressed), name=self._parameter_names.get(group[0]), op=self.op,
+        handle = grouped_allreduce_async_(list(compressed), name=name, op=self.op,
                                           prescale_factor=pre, postscale_factor=post)
         return handle, ctxs
+
+    def _decompress(self, output: torch.Tensor, ctx: Any, dtype: torch.dtype) -> torch.Tensor:
+        if isinstance(ctx, Prepared):
+            return finish_compressed(output, ctx, self._compression, dtype)
+        return self._compression.decompress(output, ctx)
 
     def synchronize(self) -> None:
         """Finish every gradient's allreduce now (starting those whose hooks did not fire on this rank)."""
@@ -203,15 +229,15 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             if isinstance(key, tuple):
                 for p, output, c in zip(key, synchronize(handle), ctx, strict=True):
                     self._allreduce_delay[p] = self.backward_passes_per_step
-                    p.grad.set_(self._compression.decompress(output, c))
+                    p.grad.set_(self._decompress(output, c, p.grad.dtype))
                 continue
             output = handle() if callable(handle) else synchronize(handle)
             self._allreduce_delay[key] = self.backward_passes_per_step
             if key.grad.is_sparse:
-                aggregated = self._compression.decompress(output, ctx)
+                aggregated = self._decompress(output, ctx, key.grad.dtype)
                 key.grad = aggregated if aggregated.is_sparse else aggregated.to_sparse()
             else:
-                key.grad.set_(self._compression.decompress(output, ctx))
+                key.grad.set_(self._decompress(output, ctx, key.grad.dtype))
         self._handles.clear()
         self._synchronized = True
 
