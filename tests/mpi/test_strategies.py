@@ -9,6 +9,8 @@ from mpiml import strategies
 from mpiml.sharding import state_bytes
 from mpiml.strategies import gossip
 
+pytestmark = pytest.mark.slow  # not in the oversubscribed 8-rank subset: 1 to 4 ranks cover every strategy
+
 # A non-default value for every option the registry knows (the test below fails for an option added
 # without one here).
 EXAMPLES = {"overlap": False, "bucket_bytes": 1024, "compression": "fp16", "backward_passes_per_step": 2,
