@@ -24,8 +24,7 @@ from typing import Any
 import torch
 
 from .runtime import UserError, agree
-
-REPLICATED, PER_RANK, SHARDED = "replicated", "per-rank", "sharded"  # as mpiml.strategies declares them
+from .strategies.base import PER_RANK, REPLICATED, SHARDED
 
 __all__ = ["CheckpointError", "save", "load", "checkpoints", "load_latest", "newest_good", "set_aside",
            "check_directory", "remove_stale_temporaries", "check_trainer_payload", "Position", "prepare_directory",

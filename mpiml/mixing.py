@@ -77,7 +77,7 @@ def average_with(buffers: Sequence[torch.Tensor], comm: MPI.Comm, peers: Sequenc
         mine = buf.detach().numpy()
         for r in received:
             mine += r if ctx is None else c.decompress(torch.from_numpy(r).view(wire.dtype), ctx).numpy()
-        mine *= 1.0 / (1 + len(received)) if len(received) != 1 else 0.5
+        mine *= 1.0 / (1 + len(received))  # 1/2 is exactly 0.5: two partners get the same bits
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:

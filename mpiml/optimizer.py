@@ -359,7 +359,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not getattr(self.strategy, "hooks_attach_gradients", False):
+        if not self.strategy.hooks_attach_gradients:
             self.reattach_grads()  # gradients into the flat buffer (no bucket hooks did it)
         if self._should_sync and not self._synchronized:
             self.synchronize()
@@ -378,8 +378,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.wait_seconds += exposed
         self._blocking_seconds += exposed
         self.step_count += 1
-        if (self.check_consistency_every and not self.replicas_differ
-                and self.step_count % self.check_consistency_every == 0):
+        # Only strategies whose replicas are identical honour check_consistency_every (the others refuse it).
+        if self.check_consistency_every and self.step_count % self.check_consistency_every == 0:
             guards.check_consistency(self.parameter_buffers, self.comm, self.step_count - 1)
         return loss
 

@@ -174,10 +174,6 @@ class Config:
         """The strategy this command line chooses (UserError for a combination that chooses none)."""
         return strategies.strategy_for(self.topology, self.strategy_options())
 
-    @property
-    def replicas_differ(self) -> bool:
-        return self.strategy().replicas_differ
-
     def parsed_fault(self) -> tuple[str, int, int] | None:
         if not self.fault:
             return None
@@ -626,7 +622,7 @@ def _report_epoch(run: _Run, epoch: int, steps: int, loss_sum: float, wall: floa
                   exposed: float) -> None:
     cfg, comm, dopt = run.cfg, run.comm, run.dopt
     k = comm.Get_size()
-    mixed = cfg.replicas_differ
+    mixed = dopt.replicas_differ
     with traffic.uncounted():  # measuring is not training: bytes_sent_per_rank counts the strategy's traffic only
         run.accuracy = _evaluate_average(run.model, dopt, run.test, comm) if mixed else _evaluate(run.model, run.test,
                                                                                                   comm)
@@ -656,7 +652,7 @@ def _report_epoch(run: _Run, epoch: int, steps: int, loss_sum: float, wall: floa
 def _finish(run: _Run, started: float) -> None:
     cfg, comm, dopt = run.cfg, run.comm, run.dopt
     dopt.finish()  # the parameter server's last updates land everywhere
-    if cfg.replicas_differ:
+    if dopt.replicas_differ:
         if dopt.strategy.average_at_end:  # the reported model is the replicas' average (ps: the servers')
             mixing.average_replicas(dopt.parameter_buffers, comm)
         run.accuracy = _evaluate(run.model, run.test, comm)

@@ -166,6 +166,11 @@ class Strategy:
         every saved rank's (SHARDED, whatever K was then)."""
         opt.optimizer.load_state_dict(saved[0])
 
+    @property
+    def hooks_attach_gradients(self) -> bool:
+        """Whether backward's hooks put gradients into the flat buffer (otherwise the optimizer does)."""
+        return False
+
     # -- observability
     @property
     def buckets(self) -> list[Any]:

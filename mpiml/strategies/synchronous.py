@@ -115,7 +115,6 @@ class Synchronous(Strategy):
 
     @property
     def hooks_attach_gradients(self) -> bool:
-        """Whether backward's hooks put gradients into the flat buffer (otherwise the optimizer does)."""
         return self.engine is not None
 
     @property

@@ -41,6 +41,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .. import collectives, guards
+from ..runtime import UserError
 from ..sharding import load_shard_states, shard_optimizer, shard_pieces, shard_state, sync_hyperparameters
 from .base import SHARDED, Strategy
 from .hooks import compressed, reduce_scatter_hook
@@ -87,7 +88,6 @@ class ShardedState(Strategy):
                                          lambda pc: params[pc.buffer][pc.lo:pc.hi],
                                          lambda pc: grads[pc.buffer][pc.lo:pc.hi])
         except ValueError as e:
-            from ..runtime import UserError
             raise UserError(f"--zero: {e}") from None
         # The full optimizer keeps its groups (schedulers change them) but no state: it never steps.
         opt.optimizer.state.clear()
@@ -129,10 +129,6 @@ class ShardedState(Strategy):
         for mine, theirs in zip(opt.optimizer.param_groups, groups, strict=True):
             mine.update({k: v for k, v in theirs.items() if k != "params"})
         load_shard_states(self.shard, self.pieces, [s["shard"] for s in saved])
-
-    def state_bytes(self) -> int:
-        from ..sharding import state_bytes
-        return state_bytes(self.shard)
 
 
 STRATEGY = ShardedState

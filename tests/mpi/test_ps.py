@@ -132,23 +132,17 @@ def test_zero_staleness_runs_the_users_optimizer_bitwise_like_data_parallel_trai
     assert ps.stats["server_updates"] == steps
 
 
-@pytest.mark.mpi(min_size=1)
-@pytest.mark.parametrize("staleness", [2, UNBOUNDED])
-def test_adam_trains_with_stale_gradients_and_ends_identical(staleness):
-    comm, d = MPI.COMM_WORLD, 8
+def least_squares(comm, seed, d=8):
+    """(truth, x, y, zero params): this rank's 64 rows of a least-squares problem all ranks share."""
     truth = torch.randn(d, generator=torch.Generator().manual_seed(0))
-    g = torch.Generator().manual_seed(200 + comm.rank)
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(64, d, generator=g)
-    y = x @ truth + 0.01 * torch.randn(64, generator=g)
-    params = torch.zeros(d)
-    opt = torch.optim.Adam([params], lr=0.05 / comm.size)  # each push moves about a full Adam step
+    return truth, x, x @ truth + 0.01 * torch.randn(64, generator=g), torch.zeros(d)
 
-    def loss():
-        return comm.allreduce(float(((x @ params - y) ** 2).mean())) / comm.size
 
-    ps = ParameterServer(params, comm, staleness, opt)
-    before = loss()
-    for t in range(100):
+def train_least_squares(ps, comm, x, y, params, steps):
+    """``steps`` push/pull rounds of 16 rows at an uneven pace, then finish; whether all ranks end identical."""
+    for t in range(steps):
         rows = torch.arange(16 * t, 16 * t + 16) % 64
         xb, yb = x[rows], y[rows]
         if comm.rank == 0 and t % 10 == 0:
@@ -156,7 +150,21 @@ def test_adam_trains_with_stale_gradients_and_ends_identical(staleness):
         ps.push(2 * xb.T @ (xb @ params - yb) / len(rows))
         ps.pull()
     ps.finish()
-    same = identical_on_all_ranks(comm, params)
+    return identical_on_all_ranks(comm, params)
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("staleness", [2, UNBOUNDED])
+def test_adam_trains_with_stale_gradients_and_ends_identical(staleness):
+    comm = MPI.COMM_WORLD
+    _, x, y, params = least_squares(comm, seed=200 + comm.rank)
+    opt = torch.optim.Adam([params], lr=0.05 / comm.size)  # each push moves about a full Adam step
+
+    def loss():
+        return comm.allreduce(float(((x @ params - y) ** 2).mean())) / comm.size
+
+    before = loss()
+    same = train_least_squares(ParameterServer(params, comm, staleness, opt), comm, x, y, params, steps=100)
     after = loss()
     assert after < 0.01 * before, f"mean squared error {before:.3f} -> {after:.4f} (S = {staleness})"
     assert same
@@ -266,22 +274,9 @@ def test_float64_and_fewer_parameters_than_ranks():
 @pytest.mark.parametrize("staleness", [4, UNBOUNDED])
 def test_least_squares_converges_with_stale_gradients(staleness):
     comm = MPI.COMM_WORLD
-    d = 8
-    truth = torch.randn(d, generator=torch.Generator().manual_seed(0))
-    g = torch.Generator().manual_seed(100 + comm.rank)
-    x = torch.randn(64, d, generator=g)
-    y = x @ truth + 0.01 * torch.randn(64, generator=g)
-    params = torch.zeros(d)
+    truth, x, y, params = least_squares(comm, seed=100 + comm.rank)
     ps = ParameterServer(params, comm, staleness, lr=0.05, momentum=0.5)
-    for t in range(80):
-        rows = torch.arange(16 * t, 16 * t + 16) % 64
-        xb, yb = x[rows], y[rows]
-        if comm.rank == 0 and t % 10 == 0:
-            time.sleep(0.005)  # an uneven pace, so some gradients really are stale
-        ps.push(2 * xb.T @ (xb @ params - yb) / len(rows))
-        ps.pull()
-    ps.finish()
-    same = identical_on_all_ranks(comm, params)
+    same = train_least_squares(ps, comm, x, y, params, steps=80)
     error = float((params - truth).norm() / truth.norm())
     assert error < 0.05, f"relative error {error:.3f} after 80 steps (S = {staleness})"
     assert same
