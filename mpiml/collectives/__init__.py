@@ -14,12 +14,17 @@ names to implementations: "mpi" (the library's own), "ring", "tree",
 "butterfly", "hier" (node-aware, through shared memory) and "auto" (picks
 one per call from a measured size table).
 
-Every call first checks, with one small Allgather, that all ranks called the
-same collective with the same algorithm, op, dtype and length (and root). If
-they did not, or if any rank's arguments are invalid, *every* rank raises
+Every call checks that all ranks called the same collective with the same
+algorithm, op, dtype, length, root and name: one tiny allreduce of a 62-bit
+code of the call's signature, on a duplicate of ``comm`` of its own. If they
+did not, or if any rank's arguments are invalid, *every* rank raises
 ``CollectiveError`` naming what differed and on which ranks, instead of
-hanging or computing garbage. The algorithms then run on a private duplicate
-of ``comm``, so their messages never meet the caller's own.
+hanging or computing garbage. The first call of each shape waits for the
+check before moving data; later calls up to ``SPECULATE_BYTES`` run beside
+it, so the check adds no round trip (see ``_agreement``; after such a call
+fails, the buffer's contents are undefined, as after an MPI error). The
+algorithms run on another private duplicate of ``comm``, so their messages
+never meet the caller's own.
 
 Elements are combined in logical (row-major) order whatever each rank's
 memory layout: a Fortran-ordered array is reduced through a row-major copy
@@ -67,22 +72,28 @@ from ._buffers import (
     write_back,
 )
 from ._chunks import chunk_bounds
+from ._schedule import Mismatch, guard
 
 __all__ = ["allreduce", "reduce_scatter", "allgather", "allgather_inplace", "broadcast", "ALGORITHMS", "Algorithm",
            "CollectiveError", "DTYPES", "OPS", "chunk_bounds", "private_comm", "busy"]
 
 
 class Algorithm(NamedTuple):
-    """One way of moving bytes; each function takes a 1-D numpy array and a communicator."""
+    """One way of moving bytes; each function takes a 1-D numpy array and a communicator.
+
+    ``speculative``: the collectives whose every wait watches a running agreement check
+    (``_schedule.wait``), so that they may run beside it (see ``_agreement``).
+    """
 
     allreduce: Callable[..., None]
     reduce_scatter: Callable[..., tuple[int, int]]
     allgather: Callable[..., None]
     broadcast: Callable[..., None]
+    speculative: frozenset[str] = frozenset()
 
 
 ALGORITHMS: dict[str, Algorithm] = {
-    name: Algorithm(m.allreduce, m.reduce_scatter, m.allgather, m.broadcast)
+    name: Algorithm(m.allreduce, m.reduce_scatter, m.allgather, m.broadcast, frozenset(m.SPECULATIVE))
     for name, m in (("mpi", mpi), ("ring", ring), ("tree", tree), ("butterfly", butterfly), ("hier", hier),
                     ("auto", auto))
 }
@@ -92,81 +103,105 @@ class CollectiveError(ValueError):
     """Raised on every rank when ranks disagree about a collective or one passed bad arguments."""
 
 
-# ---------------------------------------------------------------- private communicators
+# ---------------------------------------------------------------- one channel per caller's communicator
 
 _keyval: int | None = None
-_private_lock = threading.Lock()  # two threads' first calls must not both Dup (a collective) at once
+_channel_lock = threading.Lock()  # two threads' first calls must not both Dup (a collective) at once
 
 
-def _drop_private(comm: MPI.Comm, keyval: int, private: MPI.Comm) -> None:
-    try:
-        private.Free()
-    except MPI.Exception:  # already gone during MPI_Finalize
-        pass
+class _Channel:
+    """What mpiml keeps for one caller's communicator, cached on it: a private duplicate for the algorithms'
+    messages (``data``), another for the agreement checks (``check``), the call shapes this rank has seen
+    agreed, and the lock that admits one thread at a time."""
+
+    __slots__ = ("data", "check", "agreed", "word", "lock", "label", "abandoned")
+
+    def __init__(self, comm: MPI.Intracomm) -> None:
+        self.check = comm.Dup()
+        self.data = comm.Dup()
+        self.agreed: set[tuple[Any, ...]] = set()
+        self.word = np.zeros(2, dtype=np.int64)  # the agreement check's [code, -code]
+        self.lock = threading.Lock()
+        self.label = ""
+        self.abandoned: list[Any] = []  # requests of calls that failed in flight (their buffers must live on)
+
+    def free(self) -> None:
+        for c in (self.data, self.check):
+            try:
+                c.Free()
+            except MPI.Exception:  # already gone during MPI_Finalize
+                pass
+
+
+def _drop_channel(comm: MPI.Comm, keyval: int, channel: _Channel) -> None:
+    channel.free()
+
+
+def _channel(comm: MPI.Comm | None) -> _Channel:
+    global _keyval
+    comm = MPI.COMM_WORLD if comm is None else comm
+    if _keyval is not None:
+        try:
+            found = comm.Get_attr(_keyval)
+        except AttributeError:
+            found = None
+        if found is not None:
+            return found
+    if not isinstance(comm, MPI.Intracomm):
+        raise TypeError(f"comm must be an MPI intracommunicator, got {type(comm).__name__}")
+    with _channel_lock:
+        if _keyval is None:
+            _keyval = MPI.Comm.Create_keyval(delete_fn=_drop_channel)
+        found = comm.Get_attr(_keyval)
+        if found is None:
+            found = _Channel(comm)
+            comm.Set_attr(_keyval, found)
+    return found
 
 
 def private_comm(comm: MPI.Comm | None) -> MPI.Comm:
-    """A duplicate of ``comm`` (COMM_WORLD if None), made once and cached on ``comm`` itself."""
-    global _keyval
-    comm = MPI.COMM_WORLD if comm is None else comm
-    if not isinstance(comm, MPI.Intracomm):
-        raise TypeError(f"comm must be an MPI intracommunicator, got {type(comm).__name__}")
-    private = comm.Get_attr(_keyval) if _keyval is not None else None
-    if private is None:
-        with _private_lock:
-            if _keyval is None:
-                _keyval = MPI.Comm.Create_keyval(delete_fn=_drop_private)
-            private = comm.Get_attr(_keyval)
-            if private is None:
-                private = comm.Dup()
-                comm.Set_attr(_keyval, private)
-    return private
+    """The duplicate of ``comm`` (COMM_WORLD if None) that mpiml's algorithms send on, made once, cached on it."""
+    return _channel(comm).data
 
 
 # ---------------------------------------------------------------- one thread at a time per communicator
 
-_locks: dict[int, threading.Lock] = {}  # id of a private communicator -> held while a collective runs on it
-_labels: dict[int, str] = {}  # ... and which collective that is
-
-
-def _claim(private: MPI.Comm, kind: str, label: str) -> threading.Lock:
-    """Hold ``private`` for this call; raise if another thread's collective is using it."""
-    key = id(private)
-    lock = _locks.get(key) or _locks.setdefault(key, threading.Lock())  # setdefault: one lock, even if racing
-    if not lock.acquire(blocking=False):
-        raise CollectiveError(
-            f"{kind}: another thread is already in collective {_labels.get(key)!r} on this communicator; "
-            "collectives on one communicator must be called one at a time, in the same order on every rank, "
-            "which two threads cannot promise: give each thread its own communicator (comm.Dup())")
-    _labels[key] = label
-    return lock
-
 
 @contextmanager
-def _running(comm: MPI.Comm, kind: str, name: Any) -> Iterator[None]:
-    """One collective call: this thread alone on ``comm``, and watched by the stall watchdog."""
+def _running(ch: _Channel, kind: str, name: Any) -> Iterator[None]:
+    """One collective call: this thread alone on the channel (else CollectiveError), watched by the watchdog."""
     label = _label(name, kind)
-    lock = _claim(comm, kind, label)
+    if not ch.lock.acquire(blocking=False):
+        raise CollectiveError(
+            f"{kind}: another thread is already in collective {ch.label!r} on this communicator; "
+            "collectives on one communicator must be called one at a time, in the same order on every rank, "
+            "which two threads cannot promise: give each thread its own communicator (comm.Dup())")
+    ch.label = label
+    seq = watchdog.enter(label)
     try:
-        with watchdog.watch(label):
-            yield
+        yield
     finally:
-        lock.release()
+        watchdog.leave(seq)
+        ch.lock.release()
 
 
 def busy(comm: MPI.Comm | None = None) -> bool:
     """Whether an mpiml collective is running on ``comm`` now (in any thread of this process)."""
     comm = MPI.COMM_WORLD if comm is None else comm
-    private = comm.Get_attr(_keyval) if _keyval is not None else None
-    lock = _locks.get(id(private)) if private is not None else None
-    return lock is not None and lock.locked()
+    ch = comm.Get_attr(_keyval) if _keyval is not None else None
+    return ch is not None and ch.lock.locked()
 
 
 # ---------------------------------------------------------------- agreement check
 
 _KINDS = ("allreduce", "reduce_scatter", "allgather", "broadcast")
-_FIELDS = ("collective", "algorithm", "op", "dtype", "length", "root", "error", "name", "float16 range")
-_PRESCALE = 8  # the column saying this rank's float16 mean could overflow if summed before dividing
+_FIELDS = ("collective", "algorithm", "op", "dtype", "length", "root", "error", "name", "float16 range",
+           "speculated")
+_LENGTH, _ERROR, _NAME, _PRESCALE, _SPECULATED = 4, 6, 7, 8, 9
+# Up to this size the agreement check of a call shape seen agreed before runs beside the data instead of
+# before it: a round trip costs about as much as the data there. Above it, one round trip is under 2%.
+SPECULATE_BYTES = 1 << 20
+_MASK62 = (1 << 62) - 1
 
 
 def _code(name: Any) -> int:
@@ -189,44 +224,155 @@ class _Args(NamedTuple):
     prescale: bool = False
 
 
-def _agree(comm: MPI.Comm, args: _Args, same_length: bool = True) -> np.ndarray | None:
-    """Allgather every rank's call signature; raise CollectiveError on all ranks if they differ.
-
-    Returns None when every rank sent the same signature; otherwise (or with
-    ``same_length=False``) the (p, 9) int64 signature table (column 4 holds
-    each rank's length, column 8 whether its float16 mean needs prescaling).
-    """
+def _fields(args: _Args, same_length: bool) -> tuple[int, ...]:
+    """The call's shape: everything the ranks must agree on except its name (``_LENGTH`` .. ``_ERROR``)."""
     flat = args.flat
-    mine = array.array("q", (
+    return (
         _KINDS.index(args.kind),
         _code(args.algorithm),
         OPS.index(args.op) if isinstance(args.op, str) and args.op in OPS else -1,
         DTYPES.index(flat.dtype) if flat is not None else -1,
-        flat.array.size if flat is not None else -1,
+        flat.array.size if flat is not None and same_length else -1,
         args.root,
         args.error.code if args.error is not None else 0,
-        _code(args.name) if args.name else 0,
-        int(args.prescale),
-    ))
-    p = comm.Get_size()
-    table = bytearray(len(mine) * mine.itemsize * p)
-    comm.Allgather([mine, MPI.INT64_T], [table, MPI.INT64_T])
-    if same_length and args.error is None and table == mine.tobytes() * p:
-        return None  # everyone agrees: the common case, decided without decoding anything
-    table = np.frombuffer(table, dtype=np.int64).reshape(p, len(mine))
-    names = comm.allgather(args.name if isinstance(args.name, str) else None) if len(
-        set(table[:, 7].tolist())) > 1 else None
-    problems = _describe(table, comm.Get_rank(), args, same_length, names)
-    if problems:
-        raise CollectiveError(f"{args.kind}: " + "; ".join(problems))
-    return table
+    )
+
+
+_shape_codes: dict[tuple[int, ...], int] = {}
+
+
+def _signature_code(shape: tuple[int, ...], name: str | None) -> int:
+    """A 62-bit code of the whole signature, the same on every rank (CRC-based, not Python's salted hash)."""
+    base = _shape_codes.get(shape)
+    if base is None:
+        packed = array.array("q", shape).tobytes()
+        base = _shape_codes[shape] = (zlib.crc32(packed) << 31 ^ zlib.crc32(packed, 0x5BD1E995)) & _MASK62
+        if len(_shape_codes) > 4096:
+            _shape_codes.clear()
+    if not name:
+        return base
+    return (base ^ _code(name) * 0x9E3779B1) & _MASK62
+
+
+class _Agreed(NamedTuple):
+    """What the check established beyond "all ranks agree": each rank's length (allgather), and whether any
+    rank's float16 mean must divide before summing."""
+
+    lengths: list[int] | None = None
+    prescale: bool = False
+
+
+_AGREED = _Agreed()
+
+
+def _may_speculate(ch: _Channel, args: _Args) -> bool:
+    """Whether this call may run beside its agreement check: small, valid, a shape seen agreed before, and
+    an algorithm whose waits watch the check (``Algorithm.speculative``)."""
+    flat = args.flat
+    if args.error is not None or args.prescale or flat.array.nbytes > SPECULATE_BYTES or not flat.array.size:
+        return False
+    if flat.dtype == "float16" and args.op == "mean":
+        return False
+    algorithm = args.algorithm
+    if algorithm == "auto":
+        algorithm = auto.known_choice(flat.array.nbytes, ch.data, flat.dtype)
+        if algorithm is None:
+            return False
+    return args.kind in ALGORITHMS[algorithm].speculative and not (
+        algorithm == "mpi" and flat.dtype == "bfloat16")
+
+
+@contextmanager
+def _agreement(ch: _Channel, args: _Args, same_length: bool = True) -> Iterator[_Agreed]:
+    """Check that every rank of the channel called the same collective; raise CollectiveError on every rank
+    if not (or if any rank's arguments are invalid), else run the body.
+
+    Every call starts the same small non-blocking allreduce on ``ch.check``: the MAX of ``[code, -code]``
+    of its signature (``_signature_code``); the ranks agree iff the result is ``[c, -c]``. The first time a
+    shape (the signature without its name) is seen, the body runs only once the check has passed. After
+    that, small calls run the body *beside* the check, which then costs no round trip: the algorithms'
+    waits also watch the check (``_schedule.Guard``), so a mismatch stops them instead of hanging, and the
+    data channel, which may then hold stray messages, is replaced on every rank. Any disagreement ends in
+    one Allgather of the full signatures, to say what differed on which ranks.
+    """
+    if ch.check.Get_size() == 1:
+        if args.error is not None:
+            raise CollectiveError(f"{args.kind}: " + "; ".join(_describe(_table(args, False)[None], 0, args, True)))
+        yield _AGREED
+        return
+    shape = _fields(args, same_length)
+    code = _signature_code(shape, args.name)
+    word = ch.word
+    word[0], word[1] = code, -code
+    request = ch.check.Iallreduce(MPI.IN_PLACE, [word, MPI.INT64_T], MPI.MAX)
+    if not same_length or shape not in ch.agreed or not _may_speculate(ch, args):
+        request.Wait()
+        if word[0] != -word[1] or args.error is not None:  # (an error is in the code: then all ranks have it)
+            _disagreement(ch, args, same_length, False)
+        agreed = _details(ch, args, same_length)
+        if args.error is None:
+            ch.agreed.add(shape)
+        yield agreed
+        return
+    guard.request, guard.word = request, word
+    try:
+        yield _AGREED
+        guard.settle()
+    except Mismatch:
+        _disagreement(ch, args, same_length, True)
+    except MPI.Exception:
+        try:
+            guard.settle()
+        except Mismatch:
+            _disagreement(ch, args, same_length, True)
+        raise
+    finally:
+        if guard.request is not None:  # the body failed otherwise: never reuse the word under a running check
+            ch.abandoned.append(guard.request)
+            ch.word = np.zeros(2, dtype=np.int64)
+        guard.request = guard.word = None
+
+
+def _details(ch: _Channel, args: _Args, same_length: bool) -> _Agreed:
+    """After the ranks agreed on the signature: each rank's length where lengths may differ (allgather), and
+    whether any rank's float16 mean needs prescaling (only then: one more tiny collective on ``ch.check``)."""
+    lengths = None
+    if not same_length:
+        lengths = ch.check.allgather(args.flat.array.size)
+    prescale = False
+    if args.op == "mean" and args.flat.dtype == "float16" and args.kind in ("allreduce", "reduce_scatter"):
+        prescale = bool(ch.check.allreduce(int(args.prescale), op=MPI.MAX))
+    return _Agreed(lengths, prescale)
+
+
+def _table(args: _Args, speculated: bool) -> np.ndarray:
+    return np.array(_fields(args, True) + (_code(args.name) if args.name else 0, int(args.prescale),
+                                           int(speculated)), dtype=np.int64)
+
+
+def _disagreement(ch: _Channel, args: _Args, same_length: bool, speculated: bool) -> None:
+    """The check failed: gather every rank's full signature on ``ch.check`` and raise CollectiveError saying
+    what differed on which ranks. Collective: every rank of the channel gets here from the same check."""
+    mine = _table(args, speculated)
+    p = ch.check.Get_size()
+    table = np.empty((p, mine.size), dtype=np.int64)
+    ch.check.Allgather([mine, MPI.INT64_T], [table, MPI.INT64_T])
+    names = ch.check.allgather(args.name if isinstance(args.name, str) else None) if len(
+        set(table[:, _NAME].tolist())) > 1 else None
+    if table[:, _SPECULATED].any():  # messages of the failed call may be left in flight: a fresh channel
+        ch.abandoned.append(ch.data)
+        ch.data = ch.check.Dup()
+        ch.agreed.clear()
+    problems = _describe(table, ch.check.Get_rank(), args, same_length, names) or [
+        "ranks disagree on the call (signature codes differ)"]
+    raise CollectiveError(f"{args.kind}: " + "; ".join(problems))
 
 
 def _describe(table: np.ndarray, me: int, args: _Args, same_length: bool,
               call_names: list[str | None] | None = None) -> list[str]:
     problems = []
-    for rank in np.flatnonzero(table[:, 6]):
-        code = int(table[rank, 6])
+    for rank in np.flatnonzero(table[:, _ERROR]):
+        code = int(table[rank, _ERROR])
         text = f"rank {rank} passed {ERROR_TEXT.get(code, f'bad input (code {code})')}"
         if rank == me and args.error is not None:
             text += f" ({args.error})"
@@ -297,9 +443,9 @@ def _label(name: Any, kind: str) -> str:
     return name if isinstance(name, str) and name else kind
 
 
-def _op_to_run(args: _Args, table: np.ndarray | None, p: int) -> str:
+def _op_to_run(args: _Args, agreed: _Agreed, p: int) -> str:
     """``args.op``, or "sum" after dividing by p where any rank's float16 mean could overflow if summed first."""
-    if args.op == "mean" and (args.prescale if table is None else bool(table[:, _PRESCALE].any())):
+    if args.op == "mean" and agreed.prescale:
         prescale(args.flat, p)
         return "sum"
     return args.op
@@ -317,21 +463,16 @@ def allreduce(x: Any, op: str = "sum", algorithm: str = "ring", comm: MPI.Comm |
     ``name`` (an optional label: a rank that skipped a call shows up as
     passing a different name), or if any rank's arguments are invalid.
     """
-    comm = private_comm(comm)
-    label = _label(name, "allreduce")
-    lock = _claim(comm, "allreduce", label)
-    seq = watchdog.enter(label)
-    try:
-        args = _prepare("allreduce", x, algorithm, op, 0, comm, name=name)
-        table = _agree(comm, args)
-        flat = args.flat
-        if flat.array.size:
-            op = _op_to_run(args, table, comm.Get_size())
-            ALGORITHMS[algorithm].allreduce(flat.array, reduction(op, flat.dtype), comm)
-            write_back(flat)
-    finally:
-        watchdog.leave(seq)
-        lock.release()
+    ch = _channel(comm)
+    with _running(ch, "allreduce", name):
+        args = _prepare("allreduce", x, algorithm, op, 0, ch.check, name=name)
+        with _agreement(ch, args) as agreed:
+            flat = args.flat
+            if flat.array.size:
+                data = ch.data
+                op = _op_to_run(args, agreed, data.Get_size())
+                ALGORITHMS[algorithm].allreduce(flat.array, reduction(op, flat.dtype), data)
+                write_back(flat)
     return x
 
 
@@ -345,16 +486,17 @@ def reduce_scatter(x: Any, op: str = "sum", algorithm: str = "ring", comm: MPI.C
     segments are in logical order); the rest of ``x`` is used as scratch and
     left undefined.
     """
-    comm = private_comm(comm)
-    with _running(comm, "reduce_scatter", name):
-        args = _prepare("reduce_scatter", x, algorithm, op, 0, comm, name=name)
-        table = _agree(comm, args)
-        flat = args.flat
-        lo = hi = 0
-        if flat.array.size:
-            op = _op_to_run(args, table, comm.Get_size())
-            lo, hi = ALGORITHMS[algorithm].reduce_scatter(flat.array, reduction(op, flat.dtype), comm)
-            write_back(flat)
+    ch = _channel(comm)
+    with _running(ch, "reduce_scatter", name):
+        args = _prepare("reduce_scatter", x, algorithm, op, 0, ch.check, name=name)
+        with _agreement(ch, args) as agreed:
+            flat = args.flat
+            lo = hi = 0
+            if flat.array.size:
+                data = ch.data
+                op = _op_to_run(args, agreed, data.Get_size())
+                lo, hi = ALGORITHMS[algorithm].reduce_scatter(flat.array, reduction(op, flat.dtype), data)
+                write_back(flat)
     return _view(flat, lo, hi)
 
 
@@ -365,18 +507,19 @@ def allgather(chunk: Any, algorithm: str = "ring", comm: MPI.Comm | None = None,
     A chunk of any layout is taken in logical (row-major) order. The result
     is a numpy array or torch tensor, like ``chunk``.
     """
-    comm = private_comm(comm)
-    with _running(comm, "allgather", name):
-        args = _prepare("allgather", chunk, algorithm, "sum", 0, comm, writeable=False, name=name)
-        table = _agree(comm, args, same_length=False)
-        bounds = [0]
-        for n in table[:, 4].tolist():
-            bounds.append(bounds[-1] + n)
-        out, view = like(args.flat, bounds[-1])
-        r = comm.Get_rank()
-        view[bounds[r]:bounds[r + 1]] = args.flat.array
-        if bounds[-1]:
-            ALGORITHMS[algorithm].allgather(view, bounds, comm)
+    ch = _channel(comm)
+    with _running(ch, "allgather", name):
+        args = _prepare("allgather", chunk, algorithm, "sum", 0, ch.check, writeable=False, name=name)
+        with _agreement(ch, args, same_length=False) as agreed:
+            lengths = agreed.lengths if agreed.lengths is not None else [args.flat.array.size]
+            bounds = [0]
+            for n in lengths:
+                bounds.append(bounds[-1] + n)
+            out, view = like(args.flat, bounds[-1])
+            r = ch.check.Get_rank()
+            view[bounds[r]:bounds[r + 1]] = args.flat.array
+            if bounds[-1] and len(lengths) > 1:
+                ALGORITHMS[algorithm].allgather(view, bounds, ch.data)
     return out
 
 
@@ -387,27 +530,28 @@ def allgather_inplace(x: Any, algorithm: str = "ring", comm: MPI.Comm | None = N
     ``reduce_scatter`` leaves complete (reduce_scatter followed by this is an allreduce); the rest of
     ``x`` is overwritten by the other ranks' segments. No buffer is allocated for contiguous ``x``.
     """
-    comm = private_comm(comm)
-    with _running(comm, "allgather", name):
-        args = _prepare("allgather", x, algorithm, "sum", 0, comm, name=name)
-        _agree(comm, args)
-        if args.flat.array.size:
-            ALGORITHMS[algorithm].allgather(args.flat.array, chunk_bounds(args.flat.array.size, comm.Get_size()),
-                                            comm)
-            write_back(args.flat)
+    ch = _channel(comm)
+    with _running(ch, "allgather", name):
+        args = _prepare("allgather", x, algorithm, "sum", 0, ch.check, name=name)
+        with _agreement(ch, args):
+            if args.flat.array.size:
+                data = ch.data
+                ALGORITHMS[algorithm].allgather(args.flat.array, chunk_bounds(args.flat.array.size, data.Get_size()),
+                                                data)
+                write_back(args.flat)
     return x
 
 
 def broadcast(x: Any, root: int = 0, algorithm: str = "mpi", comm: MPI.Comm | None = None,
               name: str | None = None) -> Any:
     """Copy ``x`` from rank ``root`` to every rank, in place; returns ``x``."""
-    comm = private_comm(comm)
-    with _running(comm, "broadcast", name):
-        args = _prepare("broadcast", x, algorithm, "sum", root, comm, name=name)
-        _agree(comm, args)
-        if args.flat.array.size:
-            ALGORITHMS[algorithm].broadcast(args.flat.array, args.root, comm)
-            write_back(args.flat)
+    ch = _channel(comm)
+    with _running(ch, "broadcast", name):
+        args = _prepare("broadcast", x, algorithm, "sum", root, ch.check, name=name)
+        with _agreement(ch, args):
+            if args.flat.array.size:
+                ALGORITHMS[algorithm].broadcast(args.flat.array, args.root, ch.data)
+                write_back(args.flat)
     return x
 
 

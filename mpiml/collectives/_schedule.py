@@ -39,7 +39,7 @@ from ._buffers import Reduction
 from ._chunks import num_pieces, pieces
 
 __all__ = ["Step", "Schedule", "DIRECT", "REDUCE", "FINAL", "run", "send", "recv", "exchange", "DEFAULT_DEPTH",
-           "polling", "wait", "poll_interval"]
+           "polling", "wait", "poll_interval", "Guard", "guard", "Mismatch"]
 
 DIRECT, REDUCE, FINAL = 1, 2, 4
 DEFAULT_DEPTH = 2
@@ -174,9 +174,55 @@ def polling(interval: float) -> Iterator[None]:
         _mode.interval = previous
 
 
+class Mismatch(Exception):
+    """The agreement check running beside a call found that the ranks called different collectives."""
+
+
+class Guard(threading.local):
+    """The agreement check of the call this thread is running, while it runs beside the data (speculation).
+
+    ``request`` is a non-blocking allreduce (MAX) of ``[code, -code]``; once it completes, the ranks agreed iff
+    ``word[0] == -word[1]``. Until then every wait also watches it, so a rank whose peers called something
+    else never waits for a message that will not come: it raises ``Mismatch`` instead.
+    """
+
+    def __init__(self) -> None:
+        self.request: Any = None
+        self.word: Any = None
+
+    def settle(self) -> None:
+        """Wait for the check (if still running); raise Mismatch if the ranks disagreed."""
+        if self.request is not None:
+            self.request.Wait()
+            self._verdict()
+
+    def _verdict(self) -> None:
+        self.request = None
+        if self.word[0] != -self.word[1]:
+            raise Mismatch()
+
+    def wait(self, req: Any, interval: float) -> None:
+        """Complete ``req``, or raise Mismatch as soon as the check says the ranks disagree."""
+        if interval > 0:
+            while not req.Test():
+                if self.request is not None and self.request.Test():
+                    self._verdict()
+                time.sleep(interval)
+            return
+        if MPI.Request.Waitany([req, self.request]) == 1:
+            self._verdict()
+            req.Wait()
+
+
+guard = Guard()
+
+
 def wait(req: Any) -> None:
-    """Complete one request, spinning or politely (see ``polling``)."""
+    """Complete one request, spinning or politely (see ``polling``), watching a running agreement check."""
     interval = poll_interval()
+    if guard.request is not None:
+        guard.wait(req, interval)
+        return
     if interval <= 0:
         req.Wait()
         return
@@ -220,7 +266,7 @@ def run(comm: Any, a: np.ndarray, schedule: Schedule, red: Reduction | None) -> 
     traffic.add(schedule.send_elements * a.itemsize)
     temps = _scratch.get(a.dtype, depth, schedule.temp_size) if schedule.temp_size else None
     byte = MPI.BYTE
-    polite = poll_interval() > 0
+    polite = poll_interval() > 0 or guard.request is not None
     if m == 1 and not polite:  # one exchange (small butterfly messages at p = 2): skip the request bookkeeping
         s = steps[0]
         if s.send_to >= 0 and s.recv_from >= 0 and s.send_hi > s.send_lo and s.recv_hi > s.recv_lo:
@@ -230,8 +276,31 @@ def run(comm: Any, a: np.ndarray, schedule: Schedule, red: Reduction | None) -> 
             if s.mode & (REDUCE | FINAL):
                 _finish(s, a, target, red, comm.Get_size())
             return
-    isend, irecv = comm.Isend, comm.Irecv
     reqs: list[Any] = [None] * m
+    recvs: list[Any] = [None] * m
+    try:
+        _post_and_wait(steps, blocker, depth, a, temps, red, comm, reqs, recvs, polite)
+    except BaseException:
+        _cancel(recvs)  # nothing may land in the caller's buffer after this call has raised
+        raise
+
+
+def _cancel(recvs: list[Any]) -> None:
+    """Cancel receives still posted (sends are left alone: cancelling a send may never complete)."""
+    for req in recvs:
+        if req is not None:
+            try:
+                req.Cancel()
+                req.Wait()
+            except MPI.Exception:
+                pass
+
+
+def _post_and_wait(steps: Sequence[Step], blocker: Sequence[int], depth: int, a: np.ndarray, temps: Any,
+                   red: Reduction | None, comm: Any, reqs: list[Any], recvs: list[Any], polite: bool) -> None:
+    m = len(steps)
+    byte = MPI.BYTE
+    isend, irecv = comm.Isend, comm.Irecv
     posted = 0
     for k in range(m):
         while posted < m and (posted == k or (posted - k < depth and blocker[posted] < k)):
@@ -242,7 +311,8 @@ def run(comm: Any, a: np.ndarray, schedule: Schedule, red: Reduction | None) -> 
                     target = temps[posted % depth][: s.recv_hi - s.recv_lo]
                 else:
                     target = a[s.recv_lo:s.recv_hi]
-                r.append(irecv([target, byte], s.recv_from, _TAG))
+                recvs[posted] = irecv([target, byte], s.recv_from, _TAG)
+                r.append(recvs[posted])
             if s.send_to >= 0 and s.send_hi > s.send_lo:
                 r.append(isend([a[s.send_lo:s.send_hi], byte], s.send_to, _TAG))
             reqs[posted] = r
@@ -252,7 +322,7 @@ def run(comm: Any, a: np.ndarray, schedule: Schedule, red: Reduction | None) -> 
                 wait(req)
             else:
                 req.Wait()
-        reqs[k] = None
+        reqs[k] = recvs[k] = None
         s = steps[k]
         if s.mode & (REDUCE | FINAL) and s.recv_hi > s.recv_lo:
             _finish(s, a, temps[k % depth] if temps else None, red, comm.Get_size())

@@ -35,7 +35,8 @@ from mpi4py import MPI
 from ._buffers import Reduction
 
 __all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "choose", "calibration_path", "DEFAULT_TABLE",
-           "network_choice", "layout_key", "NETWORK_SMALL_BYTES"]
+           "network_choice", "layout_key", "NETWORK_SMALL_BYTES", "known_choice"]
+SPECULATIVE: tuple[str, ...] = ()  # its waits do not watch the agreement check (collectives._agreement)
 
 # Measured with `python -m mpiml.bench calibrate` at 2 ranks (MPICH 5.0.2 wheel, 2-core VM), see README.
 DEFAULT_TABLE: dict[str, list[list[Any]]] = {
@@ -123,6 +124,13 @@ def choose(nbytes: int, comm: MPI.Comm, dtype: str = "float32") -> str:
         if bound is None or nbytes <= bound:
             return algorithm
     return known.rows[-1][1]
+
+
+def known_choice(nbytes: int, comm: MPI.Comm, dtype: str = "float32") -> str | None:
+    """``choose``'s answer if it needs no collective (the table for ``comm`` is known already), else None."""
+    if _keyval is None or comm.Get_attr(_keyval) is None:
+        return None
+    return choose(nbytes, comm, dtype)
 
 
 def allreduce(a: np.ndarray, red: Reduction, comm: Any) -> None:

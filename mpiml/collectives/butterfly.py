@@ -40,6 +40,8 @@ from ._chunks import chunk_bounds, num_pieces, pieces
 from ._schedule import DIRECT, FINAL, REDUCE, Schedule, Step, exchange, recv, run, send
 
 __all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "CHUNK_BYTES", "SMALL_BYTES", "DEPTH"]
+# Collectives whose waits watch a running agreement check (see collectives._agreement).
+SPECULATIVE = ("allreduce", "reduce_scatter", "allgather", "broadcast")
 
 CHUNK_BYTES = 256 * 1024  # tuned at 2 ranks (see README)
 SMALL_BYTES = 16 * 1024

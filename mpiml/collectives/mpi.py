@@ -18,8 +18,11 @@ from mpi4py import MPI
 from .. import traffic
 from ._buffers import Reduction
 from ._chunks import chunk_bounds
+from ._schedule import guard, wait
 
 __all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast"]
+# Collectives whose waits watch a running agreement check (see collectives._agreement).
+SPECULATIVE = ("allreduce",)
 
 _PREDEFINED_OPS = {"sum": "SUM", "mean": "SUM", "max": "MAX", "min": "MIN", "prod": "PROD"}
 _TYPES = {"float16": "FLOAT16_T", "float32": "FLOAT", "float64": "DOUBLE", "int32": "INT32_T", "int64": "INT64_T",
@@ -50,8 +53,11 @@ def allreduce(a: np.ndarray, red: Reduction, comm: Any) -> None:
     datatype, op = _datatype_and_op(red, a)
     p = comm.Get_size()
     traffic.add(2 * a.nbytes * (p - 1) / p)  # the cost model's figure: the library's own messages are unseen
-    comm.Allreduce(MPI.IN_PLACE, [a, datatype], op)
-    red.finalize(a, comm.Get_size())
+    if guard.request is None:
+        comm.Allreduce(MPI.IN_PLACE, [a, datatype], op)
+    else:  # the agreement check runs beside this call: wait for either (see _schedule.Guard)
+        wait(comm.Iallreduce(MPI.IN_PLACE, [a, datatype], op))
+    red.finalize(a, p)
 
 
 def reduce_scatter(a: np.ndarray, red: Reduction, comm: Any) -> tuple[int, int]:
