@@ -13,6 +13,13 @@ always launched in index order, so every rank issues the same sequence of
 collectives even when some parameter got no gradient on some rank (its
 bucket, and the ones after it, are launched by ``flush`` at step time).
 
+With ``alone_bytes``, a parameter at least that large is a bucket of its own,
+and its gradient is combined where autograd left it: after ``zero_grad()``
+(None) backward hands over a fresh tensor, and copying it into the flat
+buffer would cost a pass over its bytes for nothing. The bucket layout, and
+so the sequence of collectives, depends only on the parameters' sizes, never
+on where a gradient happens to lie.
+
 Each bucket is combined by a communication hook (``mpiml.strategies.hooks``):
 ``hook(view, "mean", name)`` averages it in place across ranks. Compression
 is a wrapper around the hook, so the buckets never see it.
@@ -36,8 +43,10 @@ __all__ = ["Bucket", "GradientBuckets"]
 class Bucket:
     """A slice ``[lo, hi)`` of one flat gradient buffer and the parameters whose gradients live there."""
 
-    def __init__(self, index: int, buffer: torch.Tensor, lo: int, hi: int, params: list[int]) -> None:
+    def __init__(self, index: int, buffer: torch.Tensor, lo: int, hi: int, params: list[int],
+                 alone: bool = False) -> None:
         self.index, self.buffer, self.lo, self.hi, self.params = index, buffer, lo, hi, params
+        self.alone = alone  # one parameter, combined where its gradient lies
         self.view = buffer[lo:hi]
         self.waiting = len(params)
         self.launched = False
@@ -49,16 +58,19 @@ class GradientBuckets:
 
     def __init__(self, params: Sequence[torch.nn.Parameter], spans: Sequence[tuple[torch.Tensor, int, int]],
                  bucket_bytes: int, hook: Callable[[torch.Tensor, str, str], None], overlap: bool,
-                 backward_passes_per_step: int) -> None:
+                 backward_passes_per_step: int, alone_bytes: int | None = None) -> None:
         """``spans[i] = (buffer, lo, hi)``: where parameter i's gradient lives in its flat buffer.
 
         ``hook(view, op, name)`` combines ``view`` in place across ranks with op "mean"; ``name`` says
         which step and bucket it is, so a rank that skipped a step is caught by the agreement check.
+        ``alone_bytes``: see the module docstring (None: every gradient is combined in the flat buffer).
         """
         self.hook = hook
         self.overlap, self.passes = overlap, backward_passes_per_step
+        self.params = list(params)
         self.spans = list(spans)
-        self.buckets = self._layout(spans, bucket_bytes)
+        self.buckets = self._layout(spans, bucket_bytes, alone_bytes)
+        self.in_place = frozenset(b.params[0] for b in self.buckets if b.alone)  # gradients left where they lie
         self.bucket_of = {i: b for b in self.buckets for i in b.params}
         self._countdown = [self.passes] * len(params)
         self._next = 0
@@ -75,7 +87,8 @@ class GradientBuckets:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._hook(i)))
 
     @staticmethod
-    def _layout(spans: Sequence[tuple[torch.Tensor, int, int]], bucket_bytes: int) -> list[Bucket]:
+    def _layout(spans: Sequence[tuple[torch.Tensor, int, int]], bucket_bytes: int,
+                alone_bytes: int | None = None) -> list[Bucket]:
         order = sorted(range(len(spans)), key=lambda i: (id(spans[i][0]), spans[i][1]))
         buckets: list[Bucket] = []
         current: list[int] = []
@@ -89,6 +102,10 @@ class GradientBuckets:
 
         for i in order:
             buf, lo, hi = spans[i]
+            if alone_bytes is not None and (hi - lo) * buf.element_size() >= alone_bytes:
+                close()
+                buckets.append(Bucket(len(buckets), buf, lo, hi, [i], alone=True))
+                continue
             if current and (spans[current[0]][0] is not buf or
                             (hi - spans[current[0]][1]) * buf.element_size() > bucket_bytes):
                 close()
@@ -102,8 +119,10 @@ class GradientBuckets:
         buffer, lo, hi = self.spans[i]
         view = buffer[lo:hi]
 
+        alone = i in self.in_place
+
         def on_grad(param: torch.Tensor) -> None:
-            if param.grad is not None and param.grad.data_ptr() != view.data_ptr():
+            if not alone and param.grad is not None and param.grad.data_ptr() != view.data_ptr():
                 # .grad was set to None (or replaced) since the last step: put it back into the bucket
                 view.copy_(param.grad.reshape(-1))
                 param.grad = view.view(param.shape)
@@ -156,9 +175,27 @@ class GradientBuckets:
         self.comm_seconds += time.perf_counter() - start
 
     def _reduce_bucket(self, bucket: Bucket, name: str) -> None:
-        if not all_finite(bucket.view):
+        target = self._where(bucket)
+        if not all_finite(target):
             self.local_finite = False  # this rank's own gradient, before it is mixed with the others'
-        self.hook(bucket.view, "mean", name)
+        self.hook(target, "mean", name)
+
+    def _where(self, bucket: Bucket) -> torch.Tensor:
+        """Where the bucket's gradients lie: its view of the flat buffer, or a lone parameter's fresh gradient
+        (put back into the view if it is of another kind: non-contiguous, another dtype; zeros if none)."""
+        if not bucket.alone:
+            return bucket.view
+        p, view = self.params[bucket.params[0]], bucket.view
+        g = p.grad
+        if g is None:
+            view.zero_()
+            p.grad = view.view(p.shape)
+        elif g.data_ptr() != view.data_ptr():
+            if g.is_contiguous() and g.dtype == view.dtype and g.layout == torch.strided:
+                return g.view(-1)
+            view.copy_(g.reshape(-1))
+            p.grad = view.view(p.shape)
+        return view
 
     # ------------------------------------------------------------ step time (main thread)
 

@@ -14,28 +14,49 @@ from contextlib import contextmanager
 __all__ = ["add", "sent", "uncounted"]
 
 _lock = threading.Lock()
-_sent = 0
-_paused = threading.local()
+
+
+class _Thread:
+    """One thread's count (no lock on the hot path: each thread adds to its own)."""
+
+    __slots__ = ("sent", "paused")
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.paused = False
+
+
+_local = threading.local()
+_threads: list[_Thread] = []  # every thread's count, kept after the thread ends (its bytes were sent)
+
+
+def _this() -> _Thread:
+    mine = getattr(_local, "count", None)
+    if mine is None:
+        mine = _local.count = _Thread()
+        with _lock:
+            _threads.append(mine)
+    return mine
 
 
 def add(nbytes: int | float) -> None:
-    global _sent
-    if getattr(_paused, "on", False):
-        return
-    with _lock:
-        _sent += int(nbytes)
+    mine = _this()
+    if not mine.paused:
+        mine.sent += int(nbytes)
 
 
 @contextmanager
 def uncounted() -> Iterator[None]:
     """Inside, this thread's communication is not training traffic (metrics: evaluation, replica drift)."""
-    before = getattr(_paused, "on", False)
-    _paused.on = True
+    mine = _this()
+    before = mine.paused
+    mine.paused = True
     try:
         yield
     finally:
-        _paused.on = before
+        mine.paused = before
 
 
 def sent() -> int:
-    return _sent
+    with _lock:
+        return sum(t.sent for t in _threads)

@@ -58,6 +58,19 @@ class Method:
         self.opt.step()
 
 
+class AllreduceAlone(Method):
+    """The allreduce of a step's gradients and nothing else: one buffer of the model's size, averaged with
+    ``topology`` through mpiml.collectives (the same call path as a step's buckets)."""
+
+    def __init__(self, topology: str, numel: int, comm: MPI.Comm) -> None:
+        super().__init__(f"allreduce-{topology}", None, None)
+        self.topology, self.comm = topology, comm
+        self.buffer = torch.randn(numel, generator=torch.Generator().manual_seed(comm.rank))
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        mpiml.collectives.allreduce(self.buffer, op="mean", algorithm=self.topology, comm=self.comm)
+
+
 def init_gloo(comm: MPI.Comm) -> None:
     """torch.distributed over gloo, meeting at ``MASTER_ADDR`` (set by mpiml.cluster on emulated hosts)."""
     import torch.distributed as dist
@@ -117,6 +130,9 @@ def build_methods(args: argparse.Namespace, comm: MPI.Comm) -> list[Method]:
                     suffix = {True: "", False: "-sync", None: "-default"}[overlap] + ("-spin" if poll == 0 else "")
                     methods.append(Method(f"mpiml-{topology}" + ("" if compression == "none" else f"-{compression}")
                                           + suffix, model, opt))
+    if comm.size > 1:  # what a step's communication costs on its own, for "step <= compute + allreduce + 0.5 ms"
+        numel = sum(p.numel() for p in make_model(args.model).parameters())
+        methods += [AllreduceAlone(t, numel, comm) for t in args.topologies.split(",")]
     hvd = horovod_method(args.model)
     if hvd is not None:
         methods.append(hvd)
@@ -187,6 +203,12 @@ def main() -> int:
             ratio = f"{r['ratio_to_ddp']:.2f}" if r["ratio_to_ddp"] else "-"
             print(f"{r['method']:>22} {r['step_ms']:9.2f} {r['samples_per_sec']:10.0f} {r['exposed_comm_ms']:17.2f} "
                   f"{ratio:>7}")
+        by_name = {r["method"]: r for r in rows}
+        for r in rows:
+            alone = by_name.get("allreduce-" + r["method"].removeprefix("mpiml-").split("-")[0])
+            if r["method"].startswith("mpiml-") and alone is not None:
+                gap = r["step_ms"] - by_name["compute"]["step_ms"] - alone["step_ms"]
+                print(f"# {r['method']}: step - compute - allreduce alone = {gap:+.2f} ms")
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             with open(args.json, "w") as f:

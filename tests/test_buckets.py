@@ -101,3 +101,42 @@ def test_compression_sends_half_precision_prescaled(compression, dtype):
 def test_unknown_compression():
     with pytest.raises(ValueError, match="unknown compression"):
         setup([3], 100, compression="int8")
+
+
+def test_a_large_parameter_is_a_bucket_of_its_own_reduced_where_its_gradient_lies():
+    params, buffer, _, calls = setup([10, 20, 30, 40], bucket_bytes=4 * 50, overlap=False)
+    spans, offset = [None] * 4, 0
+    for i in reversed(range(4)):
+        spans[i] = (buffer, offset, offset + params[i].numel())
+        offset += params[i].numel()
+
+    def reduce(view, op, name):
+        calls.append((view.data_ptr(), view.numel()))
+        view.mul_(10)
+    b = GradientBuckets(params, spans, 4 * 50, reduce, overlap=False, backward_passes_per_step=1,
+                        alone_bytes=4 * 30)
+    # the layout depends only on sizes: 40 and 30 alone, then [20, 10] together
+    assert [(sorted(x.params), x.alone) for x in b.buckets] == [([3], True), ([2], True), ([0, 1], False)]
+    assert b.in_place == {2, 3}
+    for p in params:
+        p.grad = None  # zero_grad(): backward hands over fresh tensors
+    backward(params)
+    fresh = {i: params[i].grad.data_ptr() for i in (2, 3)}
+    for i in (0, 1):  # what the optimizer's reattach_grads does for the others
+        lo, hi = spans[i][1:]
+        buffer[lo:hi].copy_(params[i].grad)
+        params[i].grad = buffer[lo:hi]
+    b.flush()
+    b.wait()
+    assert [c[0] for c in calls[:2]] == [fresh[3], fresh[2]]  # reduced in place, not copied
+    for i, p in enumerate(params):
+        assert torch.equal(p.grad, torch.full_like(p, 10.0 * (i + 1)))
+    b.reset()
+    calls.clear()
+    params[3].grad = None  # no gradient this time: zeros, in the bucket's view
+    params[2].grad = torch.ones(60)[::2]  # not contiguous: copied into the view
+    b.flush()
+    b.wait()
+    assert torch.equal(params[3].grad, torch.zeros(40)) and torch.equal(params[2].grad, torch.full((30,), 10.0))
+    assert [c[0] for c in calls[:2]] == [buffer[0:40].data_ptr(), buffer[40:70].data_ptr()]
+    b.close()

@@ -13,9 +13,15 @@ import textwrap
 import time
 
 import pytest
-from failure_cases import CASES, ROOT, check, kill_a_rank_mid_training, mpiexec, rank_pids, run, run_from, train_cmd
+from failure_cases import (CASES, ROOT, check, is_open_mpi, kill_a_rank_mid_training, mpiexec, rank_pids, run,
+                           run_from, train_cmd)
 
 from mpiml import checkpoint
+
+# What a checkpoint on disk does is the same under either MPI; this file runs twice (MPICH in `make test-unit`,
+# Open MPI in `make test-openmpi`), and tests marked so run in the MPICH pass only.
+not_mpi_specific = pytest.mark.skipif(is_open_mpi(), reason="not specific to the MPI implementation: "
+                                                            "tested under MPICH (make test-unit)")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -49,6 +55,7 @@ def test_sigkill_a_rank_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert final_sha(metrics) == final_sha(whole)
 
 
+@not_mpi_specific
 def test_corrupted_newest_checkpoint_falls_back_with_a_warning(tmp_path):
     ck = str(tmp_path / "ck")
     done, _ = run(train_cmd(2, "--epochs", "2", "--checkpoint-dir", ck))
@@ -63,6 +70,7 @@ def test_corrupted_newest_checkpoint_falls_back_with_a_warning(tmp_path):
     assert "resumed from" in done.stdout and "(epoch 2," in done.stdout
 
 
+@not_mpi_specific  # exit status 2 with one message under Open MPI: test_failure_case[bad data]
 def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path):
     mount = tmp_path / "small"
     mount.mkdir()
@@ -112,7 +120,9 @@ def write_script(tmp_path, name, body):
     return [os.sys.executable, str(script)]
 
 
-@pytest.mark.parametrize("staleness", ["0", "2"])
+# Staleness 0 and 2 differ in mpiml.ps's bookkeeping, not in what the MPI sees (the same pull, the same abort),
+# so Open MPI runs one of them.
+@pytest.mark.parametrize("staleness", [pytest.param("0", marks=not_mpi_specific), "2"])
 def test_parameter_server_waiting_for_a_hung_worker_is_watched(staleness):
     """A worker that stops leaves the others waiting in pull(): the watchdog names it and ends the job."""
     args = ["--topology", "ps", "--staleness", staleness, "--epochs", "2", "--fault", "hang:1:8",

@@ -21,7 +21,7 @@ did not, or if any rank's arguments are invalid, *every* rank raises
 ``CollectiveError`` naming what differed and on which ranks, instead of
 hanging or computing garbage. The first call of each shape waits for the
 check before moving data; later calls up to ``SPECULATE_BYTES`` run beside
-it, so the check adds no round trip (see ``_agreement``; after such a call
+it, so the check adds no round trip (see ``_checked``; after such a call
 fails, the buffer's contents are undefined, as after an MPI error). The
 algorithms run on another private duplicate of ``comm``, so their messages
 never meet the caller's own.
@@ -43,8 +43,7 @@ from __future__ import annotations
 import array
 import threading
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, NamedTuple
 
@@ -82,7 +81,7 @@ class Algorithm(NamedTuple):
     """One way of moving bytes; each function takes a 1-D numpy array and a communicator.
 
     ``speculative``: the collectives whose every wait watches a running agreement check
-    (``_schedule.wait``), so that they may run beside it (see ``_agreement``).
+    (``_schedule.wait``), so that they may run beside it (see ``_checked``).
     """
 
     allreduce: Callable[..., None]
@@ -114,18 +113,42 @@ class _Channel:
     messages (``data``), another for the agreement checks (``check``), the call shapes this rank has seen
     agreed, and the lock that admits one thread at a time."""
 
-    __slots__ = ("data", "check", "agreed", "word", "lock", "label", "abandoned")
+    __slots__ = ("data", "check", "size", "agreed", "word", "request", "lock", "label", "abandoned")
 
     def __init__(self, comm: MPI.Intracomm) -> None:
         self.check = comm.Dup()
         self.data = comm.Dup()
-        self.agreed: set[tuple[Any, ...]] = set()
+        self.size = comm.Get_size()
+        self.agreed: dict[tuple[Any, ...], bool] = {}  # shapes agreed before -> whether they may speculate
         self.word = np.zeros(2, dtype=np.int64)  # the agreement check's [code, -code]
+        self.request: Any = None  # the check: a persistent allreduce (MPI-4) on ``check``, made on first use
         self.lock = threading.Lock()
         self.label = ""
-        self.abandoned: list[Any] = []  # requests of calls that failed in flight (their buffers must live on)
+        self.abandoned: list[Any] = []  # communicators left with messages of failed calls in flight
+
+    def start_check(self, code: int) -> Any:
+        """Start this call's agreement check (collective: every call on the channel starts exactly one)."""
+        word = self.word
+        word[0] = code
+        word[1] = -code
+        request = self.request
+        if request is None:
+            try:
+                request = self.request = self.check.Allreduce_init(MPI.IN_PLACE, [word, MPI.INT64_T], MPI.MAX)
+            except NotImplementedError:  # an MPI before 4.0 (every rank runs the same library: all take this)
+                return self.check.Iallreduce(MPI.IN_PLACE, [word, MPI.INT64_T], MPI.MAX)
+        request.Start()
+        return request
+
+    def agreed_word(self) -> bool:
+        return self.word[0] == -self.word[1]
 
     def free(self) -> None:
+        if self.request is not None:
+            try:
+                self.request.Free()
+            except MPI.Exception:
+                pass
         for c in (self.data, self.check):
             try:
                 c.Free()
@@ -137,9 +160,15 @@ def _drop_channel(comm: MPI.Comm, keyval: int, channel: _Channel) -> None:
     channel.free()
 
 
+_world: _Channel | None = None  # COMM_WORLD's (comm=None), kept here: the attribute lookup costs a call
+
+
 def _channel(comm: MPI.Comm | None) -> _Channel:
-    global _keyval
-    comm = MPI.COMM_WORLD if comm is None else comm
+    global _keyval, _world
+    if comm is None:
+        if _world is None:
+            _world = _channel(MPI.COMM_WORLD)
+        return _world
     if _keyval is not None:
         try:
             found = comm.Get_attr(_keyval)
@@ -167,22 +196,20 @@ def private_comm(comm: MPI.Comm | None) -> MPI.Comm:
 # ---------------------------------------------------------------- one thread at a time per communicator
 
 
-@contextmanager
-def _running(ch: _Channel, kind: str, name: Any) -> Iterator[None]:
-    """One collective call: this thread alone on the channel (else CollectiveError), watched by the watchdog."""
-    label = _label(name, kind)
+def _enter(ch: _Channel, kind: str, name: Any) -> int:
+    """Admit this thread alone to the channel (else CollectiveError) and tell the watchdog; see ``_leave``."""
     if not ch.lock.acquire(blocking=False):
         raise CollectiveError(
             f"{kind}: another thread is already in collective {ch.label!r} on this communicator; "
             "collectives on one communicator must be called one at a time, in the same order on every rank, "
             "which two threads cannot promise: give each thread its own communicator (comm.Dup())")
-    ch.label = label
-    seq = watchdog.enter(label)
-    try:
-        yield
-    finally:
-        watchdog.leave(seq)
-        ch.lock.release()
+    label = ch.label = name if name.__class__ is str and name else kind
+    return watchdog.enter(label)
+
+
+def _leave(ch: _Channel, seq: int) -> None:
+    watchdog.leave(seq)
+    ch.lock.release()
 
 
 def busy(comm: MPI.Comm | None = None) -> bool:
@@ -224,14 +251,19 @@ class _Args(NamedTuple):
     prescale: bool = False
 
 
+_KIND_CODES = {k: i for i, k in enumerate(_KINDS)}
+_OP_CODES = {o: i for i, o in enumerate(OPS)}
+_DTYPE_CODES = {d: i for i, d in enumerate(DTYPES)}
+
+
 def _fields(args: _Args, same_length: bool) -> tuple[int, ...]:
     """The call's shape: everything the ranks must agree on except its name (``_LENGTH`` .. ``_ERROR``)."""
-    flat = args.flat
+    flat, op = args.flat, args.op
     return (
-        _KINDS.index(args.kind),
+        _KIND_CODES[args.kind],
         _code(args.algorithm),
-        OPS.index(args.op) if isinstance(args.op, str) and args.op in OPS else -1,
-        DTYPES.index(flat.dtype) if flat is not None else -1,
+        _OP_CODES.get(op, -1) if op.__class__ is str else -1,
+        _DTYPE_CODES[flat.dtype] if flat is not None else -1,
         flat.array.size if flat is not None and same_length else -1,
         args.root,
         args.error.code if args.error is not None else 0,
@@ -246,9 +278,10 @@ def _signature_code(shape: tuple[int, ...], name: str | None) -> int:
     base = _shape_codes.get(shape)
     if base is None:
         packed = array.array("q", shape).tobytes()
-        base = _shape_codes[shape] = (zlib.crc32(packed) << 31 ^ zlib.crc32(packed, 0x5BD1E995)) & _MASK62
+        base = (zlib.crc32(packed) << 31 ^ zlib.crc32(packed, 0x5BD1E995)) & _MASK62
         if len(_shape_codes) > 4096:
             _shape_codes.clear()
+        _shape_codes[shape] = base
     if not name:
         return base
     return (base ^ _code(name) * 0x9E3779B1) & _MASK62
@@ -266,10 +299,10 @@ _AGREED = _Agreed()
 
 
 def _may_speculate(ch: _Channel, args: _Args) -> bool:
-    """Whether this call may run beside its agreement check: small, valid, a shape seen agreed before, and
-    an algorithm whose waits watch the check (``Algorithm.speculative``)."""
+    """Whether calls of this (agreed) shape may run beside their agreement check: small, not a float16 mean,
+    and an algorithm whose waits watch the check (``Algorithm.speculative``)."""
     flat = args.flat
-    if args.error is not None or args.prescale or flat.array.nbytes > SPECULATE_BYTES or not flat.array.size:
+    if args.prescale or flat.array.nbytes > SPECULATE_BYTES or not flat.array.size:
         return False
     if flat.dtype == "float16" and args.op == "mean":
         return False
@@ -278,46 +311,43 @@ def _may_speculate(ch: _Channel, args: _Args) -> bool:
         algorithm = auto.known_choice(flat.array.nbytes, ch.data, flat.dtype)
         if algorithm is None:
             return False
-    return args.kind in ALGORITHMS[algorithm].speculative and not (
-        algorithm == "mpi" and flat.dtype == "bfloat16")
+    return args.kind in ALGORITHMS[algorithm].speculative and not (algorithm == "mpi" and flat.dtype == "bfloat16")
 
 
-@contextmanager
-def _agreement(ch: _Channel, args: _Args, same_length: bool = True) -> Iterator[_Agreed]:
-    """Check that every rank of the channel called the same collective; raise CollectiveError on every rank
-    if not (or if any rank's arguments are invalid), else run the body.
+def _checked(ch: _Channel, args: _Args, body: Callable[[_Channel, _Args, _Agreed], Any],
+             same_length: bool = True) -> Any:
+    """Check that every rank of the channel called the same collective, and run ``body(ch, args, agreed)``;
+    raise CollectiveError on every rank if they did not (or if any rank's arguments are invalid).
 
-    Every call starts the same small non-blocking allreduce on ``ch.check``: the MAX of ``[code, -code]``
-    of its signature (``_signature_code``); the ranks agree iff the result is ``[c, -c]``. The first time a
-    shape (the signature without its name) is seen, the body runs only once the check has passed. After
-    that, small calls run the body *beside* the check, which then costs no round trip: the algorithms'
-    waits also watch the check (``_schedule.Guard``), so a mismatch stops them instead of hanging, and the
-    data channel, which may then hold stray messages, is replaced on every rank. Any disagreement ends in
-    one Allgather of the full signatures, to say what differed on which ranks.
+    Every call starts the same tiny allreduce on ``ch.check`` (``_Channel.start_check``): the MAX of
+    ``[code, -code]`` of its signature (``_signature_code``); the ranks agree iff the result is ``[c, -c]``.
+    The first time a shape (the signature without its name) is seen, the body runs once the check has
+    passed. After that, calls of a shape that may speculate (``_may_speculate``: small ones) run the body
+    *beside* the check, which then costs no round trip: the algorithms' waits also watch it
+    (``_schedule.Guard``), so a mismatch stops them instead of hanging, and the data channel, which may then
+    hold stray messages, is replaced on every rank. Any disagreement ends in one Allgather of the full
+    signatures, to say what differed on which ranks.
     """
-    if ch.check.Get_size() == 1:
+    if ch.size == 1:
         if args.error is not None:
             raise CollectiveError(f"{args.kind}: " + "; ".join(_describe(_table(args, False)[None], 0, args, True)))
-        yield _AGREED
-        return
+        return body(ch, args, _AGREED)
     shape = _fields(args, same_length)
-    code = _signature_code(shape, args.name)
-    word = ch.word
-    word[0], word[1] = code, -code
-    request = ch.check.Iallreduce(MPI.IN_PLACE, [word, MPI.INT64_T], MPI.MAX)
-    if not same_length or shape not in ch.agreed or not _may_speculate(ch, args):
+    request = ch.start_check(_signature_code(shape, args.name))
+    speculate = ch.agreed.get(shape) if same_length else None
+    if not speculate:
         request.Wait()
-        if word[0] != -word[1] or args.error is not None:  # (an error is in the code: then all ranks have it)
+        if not ch.agreed_word() or args.error is not None:  # (an error is in the code: then all ranks have it)
             _disagreement(ch, args, same_length, False)
-        agreed = _details(ch, args, same_length)
-        if args.error is None:
-            ch.agreed.add(shape)
-        yield agreed
-        return
-    guard.request, guard.word = request, word
+        result = body(ch, args, _details(ch, args, same_length))
+        if speculate is None and args.error is None and same_length:
+            ch.agreed[shape] = _may_speculate(ch, args)
+        return result
+    guard.request, guard.word = request, ch.word
     try:
-        yield _AGREED
+        result = body(ch, args, _AGREED)
         guard.settle()
+        return result
     except Mismatch:
         _disagreement(ch, args, same_length, True)
     except MPI.Exception:
@@ -327,10 +357,10 @@ def _agreement(ch: _Channel, args: _Args, same_length: bool = True) -> Iterator[
             _disagreement(ch, args, same_length, True)
         raise
     finally:
-        if guard.request is not None:  # the body failed otherwise: never reuse the word under a running check
-            ch.abandoned.append(guard.request)
-            ch.word = np.zeros(2, dtype=np.int64)
+        pending = guard.request
         guard.request = guard.word = None
+        if pending is not None:  # the body failed otherwise: finish the check (every rank started it)
+            pending.Wait()
 
 
 def _details(ch: _Channel, args: _Args, same_length: bool) -> _Agreed:
@@ -408,7 +438,10 @@ def _ranks(ranks: list[int]) -> str:
     return ",".join(map(str, ranks)) if len(ranks) <= 8 else f"{ranks[0]}..{ranks[-1]} ({len(ranks)} ranks)"
 
 
-def _prepare(kind: str, x: Any, algorithm: str, op: str, root: Any, comm: MPI.Comm, writeable: bool = True,
+_VALID: set[tuple[str, str, str, str]] = set()  # (kind, algorithm, op, dtype) combinations checked valid
+
+
+def _prepare(kind: str, x: Any, algorithm: str, op: str, root: Any, ch: _Channel, writeable: bool = True,
              name: Any = None) -> _Args:
     """Validate one rank's arguments without raising: errors travel through the agreement check.
 
@@ -419,23 +452,32 @@ def _prepare(kind: str, x: Any, algorithm: str, op: str, root: Any, comm: MPI.Co
     flat, error, valid_root = None, None, -1
     try:
         flat = flatten(x, writeable=writeable)
-        if name is not None and not isinstance(name, str):
+        if name is not None and name.__class__ is not str:
             raise InputError(f"name must be a str or None, got {type(name).__name__}", E_NAME)
-        if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
-            raise InputError(f"unknown algorithm {algorithm!r}; choose from {', '.join(ALGORITHMS)}", E_ALGORITHM)
-        if isinstance(root, bool) or not isinstance(root, (int, np.integer)):
-            raise InputError(f"root must be an int rank, got {type(root).__name__} {root!r}", E_ROOT_TYPE)
-        if not 0 <= root < comm.Get_size():
-            raise InputError(f"root {root} is not a rank of a communicator of size {comm.Get_size()}", E_ROOT)
+        if (root.__class__ is not int or algorithm.__class__ is not str or op.__class__ is not str
+                or not 0 <= root < ch.size or (kind, algorithm, op, flat.dtype) not in _VALID):
+            _validate(kind, algorithm, op, root, ch.size, flat)
         valid_root = int(root)
-        if kind in ("allreduce", "reduce_scatter"):
-            reduction(op, flat.dtype)
     except InputError as e:
         error = e
     except Exception as e:  # anything odd about the buffer is still reported collectively
         error = InputError(f"{type(e).__name__}: {e}", E_TYPE)
-    mean16 = error is None and op == "mean" and float16_mean_may_overflow(flat, comm.Get_size())
-    return _Args(kind, algorithm, op, flat, valid_root, error, name if isinstance(name, str) else None, mean16)
+    mean16 = error is None and op == "mean" and flat.dtype == "float16" and float16_mean_may_overflow(flat, ch.size)
+    return _Args(kind, algorithm, op, flat, valid_root, error, name if name.__class__ is str else None, mean16)
+
+
+def _validate(kind: str, algorithm: Any, op: Any, root: Any, size: int, flat: Flat) -> None:
+    """The checks ``_prepare`` skips for combinations it has seen valid before; raises InputError."""
+    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
+        raise InputError(f"unknown algorithm {algorithm!r}; choose from {', '.join(ALGORITHMS)}", E_ALGORITHM)
+    if isinstance(root, bool) or not isinstance(root, (int, np.integer)):
+        raise InputError(f"root must be an int rank, got {type(root).__name__} {root!r}", E_ROOT_TYPE)
+    if not 0 <= root < size:
+        raise InputError(f"root {root} is not a rank of a communicator of size {size}", E_ROOT)
+    if kind in ("allreduce", "reduce_scatter"):
+        reduction(op, flat.dtype)
+    if op.__class__ is str:
+        _VALID.add((kind, algorithm, op, flat.dtype))
 
 
 def _label(name: Any, kind: str) -> str:
@@ -464,16 +506,20 @@ def allreduce(x: Any, op: str = "sum", algorithm: str = "ring", comm: MPI.Comm |
     passing a different name), or if any rank's arguments are invalid.
     """
     ch = _channel(comm)
-    with _running(ch, "allreduce", name):
-        args = _prepare("allreduce", x, algorithm, op, 0, ch.check, name=name)
-        with _agreement(ch, args) as agreed:
-            flat = args.flat
-            if flat.array.size:
-                data = ch.data
-                op = _op_to_run(args, agreed, data.Get_size())
-                ALGORITHMS[algorithm].allreduce(flat.array, reduction(op, flat.dtype), data)
-                write_back(flat)
+    seq = _enter(ch, "allreduce", name)
+    try:
+        _checked(ch, _prepare("allreduce", x, algorithm, op, 0, ch, name=name), _allreduce)
+    finally:
+        _leave(ch, seq)
     return x
+
+
+def _allreduce(ch: _Channel, args: _Args, agreed: _Agreed) -> None:
+    flat = args.flat
+    if flat.array.size:
+        op = _op_to_run(args, agreed, ch.size)
+        ALGORITHMS[args.algorithm].allreduce(flat.array, reduction(op, flat.dtype), ch.data)
+        write_back(flat)
 
 
 def reduce_scatter(x: Any, op: str = "sum", algorithm: str = "ring", comm: MPI.Comm | None = None,
@@ -487,17 +533,23 @@ def reduce_scatter(x: Any, op: str = "sum", algorithm: str = "ring", comm: MPI.C
     left undefined.
     """
     ch = _channel(comm)
-    with _running(ch, "reduce_scatter", name):
-        args = _prepare("reduce_scatter", x, algorithm, op, 0, ch.check, name=name)
-        with _agreement(ch, args) as agreed:
-            flat = args.flat
-            lo = hi = 0
-            if flat.array.size:
-                data = ch.data
-                op = _op_to_run(args, agreed, data.Get_size())
-                lo, hi = ALGORITHMS[algorithm].reduce_scatter(flat.array, reduction(op, flat.dtype), data)
-                write_back(flat)
-    return _view(flat, lo, hi)
+    seq = _enter(ch, "reduce_scatter", name)
+    try:
+        args = _prepare("reduce_scatter", x, algorithm, op, 0, ch, name=name)
+        lo, hi = _checked(ch, args, _reduce_scatter)
+    finally:
+        _leave(ch, seq)
+    return _view(args.flat, lo, hi)
+
+
+def _reduce_scatter(ch: _Channel, args: _Args, agreed: _Agreed) -> tuple[int, int]:
+    flat = args.flat
+    if not flat.array.size:
+        return 0, 0
+    op = _op_to_run(args, agreed, ch.size)
+    lo, hi = ALGORITHMS[args.algorithm].reduce_scatter(flat.array, reduction(op, flat.dtype), ch.data)
+    write_back(flat)
+    return lo, hi
 
 
 def allgather(chunk: Any, algorithm: str = "ring", comm: MPI.Comm | None = None, name: str | None = None) -> Any:
@@ -508,18 +560,24 @@ def allgather(chunk: Any, algorithm: str = "ring", comm: MPI.Comm | None = None,
     is a numpy array or torch tensor, like ``chunk``.
     """
     ch = _channel(comm)
-    with _running(ch, "allgather", name):
-        args = _prepare("allgather", chunk, algorithm, "sum", 0, ch.check, writeable=False, name=name)
-        with _agreement(ch, args, same_length=False) as agreed:
-            lengths = agreed.lengths if agreed.lengths is not None else [args.flat.array.size]
-            bounds = [0]
-            for n in lengths:
-                bounds.append(bounds[-1] + n)
-            out, view = like(args.flat, bounds[-1])
-            r = ch.check.Get_rank()
-            view[bounds[r]:bounds[r + 1]] = args.flat.array
-            if bounds[-1] and len(lengths) > 1:
-                ALGORITHMS[algorithm].allgather(view, bounds, ch.data)
+    seq = _enter(ch, "allgather", name)
+    try:
+        args = _prepare("allgather", chunk, algorithm, "sum", 0, ch, writeable=False, name=name)
+        return _checked(ch, args, _allgather, same_length=False)
+    finally:
+        _leave(ch, seq)
+
+
+def _allgather(ch: _Channel, args: _Args, agreed: _Agreed) -> Any:
+    lengths = agreed.lengths if agreed.lengths is not None else [args.flat.array.size]
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    out, view = like(args.flat, bounds[-1])
+    r = ch.check.Get_rank() if len(lengths) > 1 else 0
+    view[bounds[r]:bounds[r + 1]] = args.flat.array
+    if bounds[-1] and len(lengths) > 1:
+        ALGORITHMS[args.algorithm].allgather(view, bounds, ch.data)
     return out
 
 
@@ -531,28 +589,37 @@ def allgather_inplace(x: Any, algorithm: str = "ring", comm: MPI.Comm | None = N
     ``x`` is overwritten by the other ranks' segments. No buffer is allocated for contiguous ``x``.
     """
     ch = _channel(comm)
-    with _running(ch, "allgather", name):
-        args = _prepare("allgather", x, algorithm, "sum", 0, ch.check, name=name)
-        with _agreement(ch, args):
-            if args.flat.array.size:
-                data = ch.data
-                ALGORITHMS[algorithm].allgather(args.flat.array, chunk_bounds(args.flat.array.size, data.Get_size()),
-                                                data)
-                write_back(args.flat)
+    seq = _enter(ch, "allgather", name)
+    try:
+        _checked(ch, _prepare("allgather", x, algorithm, "sum", 0, ch, name=name), _allgather_inplace)
+    finally:
+        _leave(ch, seq)
     return x
+
+
+def _allgather_inplace(ch: _Channel, args: _Args, agreed: _Agreed) -> None:
+    a = args.flat.array
+    if a.size:
+        ALGORITHMS[args.algorithm].allgather(a, chunk_bounds(a.size, ch.size), ch.data)
+        write_back(args.flat)
 
 
 def broadcast(x: Any, root: int = 0, algorithm: str = "mpi", comm: MPI.Comm | None = None,
               name: str | None = None) -> Any:
     """Copy ``x`` from rank ``root`` to every rank, in place; returns ``x``."""
     ch = _channel(comm)
-    with _running(ch, "broadcast", name):
-        args = _prepare("broadcast", x, algorithm, "sum", root, ch.check, name=name)
-        with _agreement(ch, args):
-            if args.flat.array.size:
-                ALGORITHMS[algorithm].broadcast(args.flat.array, args.root, ch.data)
-                write_back(args.flat)
+    seq = _enter(ch, "broadcast", name)
+    try:
+        _checked(ch, _prepare("broadcast", x, algorithm, "sum", root, ch, name=name), _broadcast)
+    finally:
+        _leave(ch, seq)
     return x
+
+
+def _broadcast(ch: _Channel, args: _Args, agreed: _Agreed) -> None:
+    if args.flat.array.size:
+        ALGORITHMS[args.algorithm].broadcast(args.flat.array, args.root, ch.data)
+        write_back(args.flat)
 
 
 def _view(flat: Flat, lo: int, hi: int) -> Any:

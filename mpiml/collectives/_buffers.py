@@ -77,7 +77,7 @@ def flatten(x: Any, writeable: bool = True) -> Flat:
         name = _NUMPY_NAMES.get(x.dtype)
         flags = x.flags
         if name is not None and flags.c_contiguous and (flags.writeable or not writeable):
-            return Flat(x.reshape(-1), name, x)
+            return Flat(x if x.ndim == 1 else x.reshape(-1), name, x)
     torch = _torch()
     if torch is not None and isinstance(x, torch.Tensor):
         return _flatten_tensor(x, torch, writeable)

@@ -266,16 +266,27 @@ def run(comm: Any, a: np.ndarray, schedule: Schedule, red: Reduction | None) -> 
     traffic.add(schedule.send_elements * a.itemsize)
     temps = _scratch.get(a.dtype, depth, schedule.temp_size) if schedule.temp_size else None
     byte = MPI.BYTE
-    polite = poll_interval() > 0 or guard.request is not None
-    if m == 1 and not polite:  # one exchange (small butterfly messages at p = 2): skip the request bookkeeping
+    interval = poll_interval()
+    checking = guard.request is not None
+    if m == 1 and interval <= 0:  # one exchange (small butterfly messages at p = 2): skip the request bookkeeping
         s = steps[0]
         if s.send_to >= 0 and s.recv_from >= 0 and s.send_hi > s.send_lo and s.recv_hi > s.recv_lo:
-            target = temps[0] if s.mode & REDUCE else a[s.recv_lo:s.recv_hi]
-            comm.Sendrecv([a[s.send_lo:s.send_hi], byte], s.send_to, _TAG,
-                          [target[: s.recv_hi - s.recv_lo], byte], s.recv_from, _TAG)
+            target = temps[0][: s.recv_hi - s.recv_lo] if s.mode & REDUCE else a[s.recv_lo:s.recv_hi]
+            if checking:  # the agreement check runs beside: wait for the message or a failed check
+                received = comm.Irecv([target, byte], s.recv_from, _TAG)
+                sent = comm.Isend([a[s.send_lo:s.send_hi], byte], s.send_to, _TAG)
+                try:
+                    guard.wait(received, 0.0)
+                except BaseException:
+                    _cancel([received])
+                    raise
+                sent.Wait()
+            else:
+                comm.Sendrecv([a[s.send_lo:s.send_hi], byte], s.send_to, _TAG, [target, byte], s.recv_from, _TAG)
             if s.mode & (REDUCE | FINAL):
                 _finish(s, a, target, red, comm.Get_size())
             return
+    polite = interval > 0 or checking
     reqs: list[Any] = [None] * m
     recvs: list[Any] = [None] * m
     try:

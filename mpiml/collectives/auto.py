@@ -36,7 +36,7 @@ from ._buffers import Reduction
 
 __all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "choose", "calibration_path", "DEFAULT_TABLE",
            "network_choice", "layout_key", "NETWORK_SMALL_BYTES", "known_choice"]
-SPECULATIVE: tuple[str, ...] = ()  # its waits do not watch the agreement check (collectives._agreement)
+SPECULATIVE: tuple[str, ...] = ()  # its waits do not watch the agreement check (collectives._checked)
 
 # Measured with `python -m mpiml.bench calibrate` at 2 ranks (MPICH 5.0.2 wheel, 2-core VM), see README.
 DEFAULT_TABLE: dict[str, list[list[Any]]] = {

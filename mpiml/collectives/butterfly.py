@@ -40,7 +40,7 @@ from ._chunks import chunk_bounds, num_pieces, pieces
 from ._schedule import DIRECT, FINAL, REDUCE, Schedule, Step, exchange, recv, run, send
 
 __all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "CHUNK_BYTES", "SMALL_BYTES", "DEPTH"]
-# Collectives whose waits watch a running agreement check (see collectives._agreement).
+# Collectives whose waits watch a running agreement check (see collectives._checked).
 SPECULATIVE = ("allreduce", "reduce_scatter", "allgather", "broadcast")
 
 CHUNK_BYTES = 256 * 1024  # tuned at 2 ranks (see README)

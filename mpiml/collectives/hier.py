@@ -44,7 +44,7 @@ from ._buffers import Reduction, reduction
 from ._chunks import chunk_bounds
 
 __all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "SharedArena", "topology", "CHUNK_BYTES"]
-SPECULATIVE: tuple[str, ...] = ()  # its waits do not watch the agreement check (collectives._agreement)
+SPECULATIVE: tuple[str, ...] = ()  # its waits do not watch the agreement check (collectives._checked)
 
 CHUNK_BYTES = 256 * 1024
 _keyval: int | None = None

@@ -35,7 +35,7 @@ from ._chunks import chunk_bounds, num_pieces, pieces
 from ._schedule import DIRECT, FINAL, REDUCE, Schedule, Step, recv, run, send
 
 __all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "CHUNK_BYTES", "WINDOW", "DEPTH"]
-# Collectives whose waits watch a running agreement check (see collectives._agreement).
+# Collectives whose waits watch a running agreement check (see collectives._checked).
 SPECULATIVE = ("allreduce", "reduce_scatter", "allgather", "broadcast")
 
 CHUNK_BYTES = 256 * 1024  # tuned at 2 ranks with scripts/tune_chunks.py (see README)

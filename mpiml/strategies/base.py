@@ -171,6 +171,11 @@ class Strategy:
         """Whether backward's hooks put gradients into the flat buffer (otherwise the optimizer does)."""
         return False
 
+    def flat_gradients(self, opt: DistributedOptimizer) -> bool:
+        """Whether gradients must live in flat buffers (called before ``prepare``). Without them, ``.grad``
+        stays whatever autograd made, as in plain PyTorch: for a strategy that has nothing to send."""
+        return True
+
     # -- observability
     @property
     def buckets(self) -> list[Any]:

@@ -29,6 +29,9 @@ __all__ = ["Synchronous", "NETWORK_POLL_SECONDS", "spare_core", "exact_comm"]
 
 # Between tests of a message that crosses a network: a 256 KiB chunk takes 2 ms on a 1 Gbit/s link.
 NETWORK_POLL_SECONDS = 50e-6
+# A parameter this large is a bucket of its own, combined where backward left its gradient (no copy into the
+# flat buffer); smaller ones are coalesced into buckets, where one collective's fixed cost is shared.
+ALONE_BYTES = 1 << 20
 
 
 def spare_core(local_size: int) -> bool:
@@ -64,6 +67,9 @@ class Synchronous(Strategy):
         self.layout: Any = None
         self.poll = 0.0
 
+    def flat_gradients(self, opt: DistributedOptimizer) -> bool:
+        return opt.comm.Get_size() > 1  # one rank sends nothing: no buffer to gather gradients into
+
     def prepare(self, opt: DistributedOptimizer) -> Callable[[torch.dtype, int], torch.Tensor] | None:
         if opt.comm.Get_size() == 1:
             return None
@@ -96,12 +102,14 @@ class Synchronous(Strategy):
                           opt.comm.Get_size())
         self.engine = GradientBuckets(opt.params, opt.grad_spans, self.settings["bucket_bytes"], hook,
                                       spare_core(self.layout.local_size) if overlap is None else overlap,
-                                      opt.backward_passes_per_step)
+                                      opt.backward_passes_per_step,
+                                      # hier reduces inside its shared window: every gradient must be there
+                                      alone_bytes=None if self.algorithm == "hier" else ALONE_BYTES)
 
     def synchronize(self, opt: DistributedOptimizer) -> bool | None:
         if self.engine is None:
             return None
-        opt.reattach_grads()
+        opt.reattach_grads(keep=self.engine.in_place)
         self.engine.flush()
         with opt.timeline.span("wait for gradients", "comm"):
             self.engine.wait()

@@ -54,18 +54,27 @@ def test_backward_passes_accumulate_and_unused_parameters_count_as_zero():
 
 
 @pytest.mark.mpi(min_size=1)
-def test_zero_grad_keeps_views_and_scheduler_works():
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_as_torch_and_scheduler_works(set_to_none):
+    """zero_grad() sets .grad to None (backward then hands over fresh tensors), zero_grad(False) zeroes it in
+    place; either way, after step() .grad is the combined gradient, in the flat buffer when there is one
+    (K > 1; one rank needs none)."""
+    comm = MPI.COMM_WORLD
     model, x, y = model_and_data(1)
     opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), model)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     buffers = [b.data_ptr() for b in opt.gradient_buffers]
+    assert len(buffers) == (1 if comm.size > 1 else 0)
     for _ in range(2):
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=set_to_none)
+        assert all((p.grad is None) == set_to_none for p in model.parameters())
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         sched.step()
-    assert [b.data_ptr() for b in opt.gradient_buffers] == buffers
-    assert all(p.grad.data_ptr() >= buffers[0] for p in model.parameters())
+    if comm.size > 1:
+        assert [b.data_ptr() for b in opt.gradient_buffers] == buffers
+        end = buffers[0] + opt.gradient_buffers[0].numel() * 4
+        assert all(buffers[0] <= p.grad.data_ptr() < end for p in model.parameters())
     assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(0.125)
     digests = MPI.COMM_WORLD.allgather(mpiml.parameters_sha256(model.parameters()))
     assert len(set(digests)) == 1
@@ -260,3 +269,45 @@ def test_local_sgd_replicas_differ_between_averagings_and_agree_after():
         poisoned_step(opt, model, x, y, poison=False)
         digests.append(len(set(comm.allgather(mpiml.parameters_sha256(model.parameters())))))
     assert digests == [comm.size, comm.size, 1]  # local steps drift apart; the third step averages
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_large_gradients_reduced_where_they_lie_train_like_the_flat_buffer(monkeypatch, overlap):
+    """Parameters of at least ALONE_BYTES are combined where backward left their (fresh) gradient; the
+    replicas stay identical and the run matches one where every gradient is copied into the flat buffer."""
+    import mpiml.strategies.synchronous as sync
+    alone = sync.ALONE_BYTES
+    assert alone is not None
+    comm = MPI.COMM_WORLD
+    g = torch.Generator().manual_seed(100 + comm.rank)
+    batches = [(torch.randn(4, 600, generator=g), torch.randint(0, 7, (4,), generator=g)) for _ in range(4)]
+
+    def run(alone_bytes, zero_grad_to_none):
+        monkeypatch.setattr(sync, "ALONE_BYTES", alone_bytes)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(600, 500), torch.nn.ReLU(), torch.nn.Linear(500, 7))
+        opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model,
+                                         overlap=overlap)
+        for x, y in batches:
+            opt.zero_grad(set_to_none=zero_grad_to_none)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        if comm.size > 1 and alone_bytes is not None:
+            assert opt.strategy.engine.in_place == {0}  # the 600x500 weight (1.2 MB)
+            buffer = opt.gradient_buffers[0]
+            inside = buffer.data_ptr() <= model[0].weight.grad.data_ptr() < buffer.data_ptr() + buffer.nbytes
+            assert inside != zero_grad_to_none  # a fresh gradient stayed where backward left it
+        grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        opt.close()
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), grads
+
+    flat, flat_grads = run(None, True)
+    for to_none in (True, False):
+        lying, lying_grads = run(alone, to_none)
+        # p = 2 sums each element once either way; more ranks may pair chunks differently (last bits)
+        exact = comm.size <= 2
+        torch.testing.assert_close(lying, flat, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-7)
+        torch.testing.assert_close(lying_grads, flat_grads, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-7)
+        digests = comm.allgather(mpiml.parameters_sha256([lying]))
+        assert len(set(digests)) == 1

@@ -11,6 +11,7 @@ from mpiml.runtime import UserError
 from mpiml.train import Config, run
 
 EXACT = ["mpi", "ring", "tree", "butterfly"]
+OPEN_MPI = "Open MPI" in MPI.Get_library_version()
 
 
 def train(tmp, name, **overrides):
@@ -28,10 +29,27 @@ def train(tmp, name, **overrides):
     return lines[-1]
 
 
+_LONG_RUNS = {}  # topology -> final record of a 20-epoch run; the same on every rank
+
+
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory):
+    """``long_run(topology)``: the final record of a 20-epoch run, trained once per module (the accuracy tests
+    below share the ring run instead of training it twice)."""
+    comm = MPI.COMM_WORLD
+    tmp = comm.bcast(str(tmp_path_factory.mktemp("long")) if comm.rank == 0 else None)
+
+    def get(topology):
+        if topology not in _LONG_RUNS:
+            _LONG_RUNS[topology] = train(tmp, topology, topology=topology, epochs=20)
+        return _LONG_RUNS[topology]
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.mpi(min_size=1)
-def test_exact_topologies_reach_95_percent_and_agree(mpi_tmp_path):
-    finals = {t: train(mpi_tmp_path, t, topology=t, epochs=20) for t in EXACT}
+def test_exact_topologies_reach_95_percent_and_agree(long_run):
+    finals = {t: long_run(t) for t in EXACT}
     accuracies = [f["test_accuracy"] for f in finals.values()]
     assert min(accuracies) >= 0.95, finals
     assert max(accuracies) - min(accuracies) <= 0.01, accuracies
@@ -40,9 +58,12 @@ def test_exact_topologies_reach_95_percent_and_agree(mpi_tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.mpi(min_size=1)
-def test_butterfly_mixing_close_to_ring(mpi_tmp_path):
-    ring = train(mpi_tmp_path, "ring", topology="ring", epochs=20)
-    mixed = train(mpi_tmp_path, "mix", topology="butterfly-mixing", epochs=20)
+# Mixing is mpiml's own point-to-point exchange; its accuracy does not depend on the MPI library, whose
+# point-to-point messages under Open MPI are exercised by the shorter butterfly-mixing runs below.
+@pytest.mark.skipif(OPEN_MPI, reason="accuracy is not specific to the MPI implementation: tested under MPICH")
+def test_butterfly_mixing_close_to_ring(long_run):
+    ring = long_run("ring")
+    mixed = long_run("butterfly-mixing")
     assert abs(mixed["test_accuracy"] - ring["test_accuracy"]) <= 0.02
     assert mixed["ranks_consistent"]  # the final model is the replicas' average, the same everywhere
 
