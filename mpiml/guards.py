@@ -47,7 +47,8 @@ def finite(buffers: Sequence[torch.Tensor]) -> bool:
 def agree_finite(ok: bool, comm: MPI.Comm, step: int) -> list[int]:
     """Ranks whose gradients were not finite at ``step`` (the same list on every rank; empty if none)."""
     flag = np.array([1 if ok else 0], dtype=np.int32)
-    collectives.allreduce(flag, op="min", algorithm="mpi", comm=comm, name=f"finite gradients step {step}")
+    # butterfly (a point-to-point exchange per stage), not the library's: it runs beside its agreement check
+    collectives.allreduce(flag, op="min", algorithm="butterfly", comm=comm, name=f"finite gradients step {step}")
     if flag[0] == 1:
         return []
     flags = collectives.allgather(np.array([1 if ok else 0], dtype=np.int32), algorithm="mpi", comm=comm)

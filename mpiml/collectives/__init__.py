@@ -119,7 +119,7 @@ class _Channel:
         self.check = comm.Dup()
         self.data = comm.Dup()
         self.size = comm.Get_size()
-        self.agreed: dict[tuple[Any, ...], bool] = {}  # shapes agreed before -> whether they may speculate
+        self.agreed: dict[tuple[Any, ...], list[Any]] = {}  # call shapes seen -> _plan
         self.word = np.zeros(2, dtype=np.int64)  # the agreement check's [code, -code]
         self.request: Any = None  # the check: a persistent allreduce (MPI-4) on ``check``, made on first use
         self.lock = threading.Lock()
@@ -270,21 +270,11 @@ def _fields(args: _Args, same_length: bool) -> tuple[int, ...]:
     )
 
 
-_shape_codes: dict[tuple[int, ...], int] = {}
-
-
 def _signature_code(shape: tuple[int, ...], name: str | None) -> int:
     """A 62-bit code of the whole signature, the same on every rank (CRC-based, not Python's salted hash)."""
-    base = _shape_codes.get(shape)
-    if base is None:
-        packed = array.array("q", shape).tobytes()
-        base = (zlib.crc32(packed) << 31 ^ zlib.crc32(packed, 0x5BD1E995)) & _MASK62
-        if len(_shape_codes) > 4096:
-            _shape_codes.clear()
-        _shape_codes[shape] = base
-    if not name:
-        return base
-    return (base ^ _code(name) * 0x9E3779B1) & _MASK62
+    packed = array.array("q", shape).tobytes()
+    base = (zlib.crc32(packed) << 31 ^ zlib.crc32(packed, 0x5BD1E995)) & _MASK62
+    return (base ^ _code(name) * 0x9E3779B1) & _MASK62 if name else base
 
 
 class _Agreed(NamedTuple):
@@ -314,6 +304,21 @@ def _may_speculate(ch: _Channel, args: _Args) -> bool:
     return args.kind in ALGORITHMS[algorithm].speculative and not (algorithm == "mpi" and flat.dtype == "bfloat16")
 
 
+def _plan(ch: _Channel, args: _Args, same_length: bool) -> list[Any]:
+    """What the channel knows about calls of this shape: [signature code without the name, whether they may
+    run beside their check (None: not agreed yet)]. Looked up by the caller's own values (cheap to hash)."""
+    flat = args.flat
+    if args.error is not None or flat is None:
+        return [_signature_code(_fields(args, same_length), None), None]
+    key = (args.kind, args.algorithm, args.op, flat.dtype, flat.array.size if same_length else -1, args.root)
+    plan = ch.agreed.get(key)
+    if plan is None:
+        if len(ch.agreed) > 4096:  # a program that never repeats a shape: forget, rather than grow
+            ch.agreed.clear()
+        plan = ch.agreed[key] = [_signature_code(_fields(args, same_length), None), None]
+    return plan
+
+
 def _checked(ch: _Channel, args: _Args, body: Callable[[_Channel, _Args, _Agreed], Any],
              same_length: bool = True) -> Any:
     """Check that every rank of the channel called the same collective, and run ``body(ch, args, agreed)``;
@@ -332,16 +337,17 @@ def _checked(ch: _Channel, args: _Args, body: Callable[[_Channel, _Args, _Agreed
         if args.error is not None:
             raise CollectiveError(f"{args.kind}: " + "; ".join(_describe(_table(args, False)[None], 0, args, True)))
         return body(ch, args, _AGREED)
-    shape = _fields(args, same_length)
-    request = ch.start_check(_signature_code(shape, args.name))
-    speculate = ch.agreed.get(shape) if same_length else None
+    plan = _plan(ch, args, same_length)
+    code = plan[0] if not args.name else (plan[0] ^ _code(args.name) * 0x9E3779B1) & _MASK62
+    request = ch.start_check(code)
+    speculate = plan[1]
     if not speculate:
         request.Wait()
         if not ch.agreed_word() or args.error is not None:  # (an error is in the code: then all ranks have it)
             _disagreement(ch, args, same_length, False)
         result = body(ch, args, _details(ch, args, same_length))
         if speculate is None and args.error is None and same_length:
-            ch.agreed[shape] = _may_speculate(ch, args)
+            plan[1] = _may_speculate(ch, args)
         return result
     guard.request, guard.word = request, ch.word
     try:

@@ -234,11 +234,11 @@ class _Scratch(threading.local):
     """Per-thread scratch chunks, reused across calls (allocating them each time costs more than small messages)."""
 
     def __init__(self) -> None:
-        self.sets: dict[tuple[np.dtype, int], list[np.ndarray]] = {}
+        self.sets: dict[tuple[str, int], list[np.ndarray]] = {}
 
     def get(self, dtype: np.dtype, count: int, size: int) -> list[np.ndarray]:
         """``count`` arrays of at least ``size`` elements of ``dtype``."""
-        key = (dtype, count)
+        key = (dtype.char, count)  # (hashing the dtype itself costs more than this whole lookup)
         bufs = self.sets.get(key)
         if bufs is None or bufs[0].size < size:
             bufs = self.sets[key] = [np.empty(size, dtype=dtype) for _ in range(count)]
