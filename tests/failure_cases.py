@@ -86,10 +86,11 @@ def rank_pids(marker: str, program: bytes = b"mpiml.train") -> list[int]:
 def kill_a_rank_mid_training(tmp: str, ranks: int = 3) -> dict:
     """SIGKILL one rank once checkpoints exist; the job must end everywhere, then resume must finish it.
 
-    Checkpoint 100 is written in the first epoch (about 120 steps of batch 4 per rank at 3 ranks); the job has
-    3 epochs, so more than 250 steps (seconds, even unloaded) are still to run when the rank is killed."""
+    Checkpoint 100 is written in the first epoch (about 120 steps of batch 4 per rank at 3 ranks); of the job's
+    6 epochs more than 600 steps are still to run when the rank is killed (over a second unloaded, at about 2 ms
+    a step; far more on a loaded machine) against the poll's 50 ms."""
     ck = os.path.join(tmp, "ck-kill")
-    args = ["--epochs", "3", "--batch-size", "4", "--checkpoint-dir", ck, "--checkpoint-every", "50"]
+    args = ["--epochs", "6", "--batch-size", "4", "--checkpoint-dir", ck, "--checkpoint-every", "50"]
     proc = subprocess.Popen(train_cmd(ranks, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.monotonic() + 120
