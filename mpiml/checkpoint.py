@@ -315,7 +315,7 @@ def save_training(directory: str, comm: Any, dopt: Any, fingerprint: dict[str, A
     optimizer-state shard, with the elements each covers (resharded on resume at another K)."""
     layout = dopt.strategy.state
     per_rank = layout == PER_RANK
-    params = [b.clone() for b in dopt.parameter_buffers] if per_rank or comm.Get_rank() == 0 else None
+    params = dopt.packed_parameters() if per_rank or comm.Get_rank() == 0 else None
     state = dopt.checkpoint_state() if layout != REPLICATED or comm.Get_rank() == 0 else None
     everyone = comm.gather((params if per_rank else None, state if layout != REPLICATED else None, pos.loss_sum),
                            root=0)
@@ -408,14 +408,10 @@ def resume_training(directory: str, comm: Any, dopt: Any, fingerprint: dict[str,
 
     def restore() -> None:
         try:
-            if [(b.shape, b.dtype) for b in dopt.parameter_buffers] != [(t.shape, t.dtype) for t in params]:
-                raise ValueError("its parameter buffers do not match this model's")
             if (saved_layout == SHARDED) != (layout == SHARDED):
                 raise ValueError(f"its optimizer state is {saved_layout}, this run keeps it {layout} "
                                  f"(--zero {'on' if layout == SHARDED else 'off'})")
-            with torch.no_grad():
-                for buf, kept in zip(dopt.parameter_buffers, params):
-                    buf.copy_(kept)
+            dopt.load_packed_parameters(params)
             dopt.load_checkpoint_state(states)
             torch.set_rng_state(payload["torch_rng"])
         except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:

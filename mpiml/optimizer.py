@@ -47,21 +47,34 @@ EXACT_TOPOLOGIES = strategies.EXACT_TOPOLOGIES
 TOPOLOGIES = strategies.TOPOLOGIES
 
 
+_ALIGN_BYTES = 64  # a cache line: every tensor in a flat buffer starts on one
+
+
+def _layout(shapes: list[torch.Size], dtype: torch.dtype) -> tuple[list[tuple[int, int]], int]:
+    """Each tensor's [lo, hi) in a flat buffer (last tensor first, each on a cache line) and its length."""
+    align = max(1, _ALIGN_BYTES // torch.empty(0, dtype=dtype).element_size())
+    bounds: list[tuple[int, int]] = [(0, 0)] * len(shapes)
+    offset = 0
+    for i in reversed(range(len(shapes))):
+        bounds[i] = (offset, offset + shapes[i].numel())
+        offset = -(-(offset + shapes[i].numel()) // align) * align
+    return bounds, offset
+
+
 class _FlatGroup:
-    """Tensors of one dtype laid out back to back in one buffer, last tensor first.
+    """Tensors of one dtype laid out back to back in one buffer, last tensor first, each starting on a
+    cache line (the few elements of padding stay zero).
 
     Reverse order puts the gradients backward produces first at the front,
-    so gradient buckets are contiguous slices filled front to back.
+    so gradient buckets are contiguous slices filled front to back. Alignment
+    matters for the matrix kernels: weights that started 40 bytes into a line
+    made backward of the 784-1024-1024-10 MLP 5% slower than in plain PyTorch.
     """
 
     def __init__(self, shapes: list[torch.Size], dtype: torch.dtype,
                  allocate: Callable[[torch.dtype, int], torch.Tensor] | None = None) -> None:
         self.shapes = shapes
-        self.bounds: list[tuple[int, int]] = [(0, 0)] * len(shapes)
-        offset = 0
-        for i in reversed(range(len(shapes))):
-            self.bounds[i] = (offset, offset + shapes[i].numel())
-            offset += shapes[i].numel()
+        self.bounds, offset = _layout(shapes, dtype)
         self.buffer = allocate(dtype, offset) if allocate is not None else torch.zeros(offset, dtype=dtype)
         self.buffer.zero_()
 
@@ -105,7 +118,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None,
                  topology: str = "ring", backward_passes_per_step: int = 1, comm: MPI.Comm | None = None,
-                 overlap: bool | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES, compression: str = "none",
+                 overlap: bool | None = None, bucket_bytes: int | None = None, compression: str = "none",
                  on_nan: str = "abort", check_consistency_every: int = 0, average_every: int = 0,
                  staleness: int | None = 0, poll_interval: float | None = None, zero: bool = False,
                  **strategy_options: Any) -> None:
@@ -113,7 +126,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise UserError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
         if compression not in COMPRESSORS:
             raise UserError(f"unknown compression {compression!r}; choose from {', '.join(COMPRESSORS)}")
-        if bucket_bytes < 1:
+        if bucket_bytes is not None and bucket_bytes < 1:
             raise UserError(f"bucket_bytes must be positive, got {bucket_bytes}")
         if on_nan not in ("abort", "skip"):
             raise UserError(f"on_nan must be 'abort' or 'skip', got {on_nan!r}")
@@ -186,7 +199,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def buffer_bytes(self) -> dict[torch.dtype, int]:
         """Bytes of each dtype's flat buffer (known before the buffers exist: for ``Strategy.prepare``)."""
-        return {d: sum(self.params[i].numel() for i in idx) * self.params[idx[0]].element_size()
+        return {d: _layout([self.params[i].shape for i in idx], d)[1] * self.params[idx[0]].element_size()
                 for d, idx in _grouped(self.params).items()}
 
     @property
@@ -253,6 +266,24 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def parameter_buffers(self) -> list[torch.Tensor]:
         """The flat parameter buffers (one per dtype); the parameters are views into them."""
         return [g.buffer for g in self._param_groups]
+
+    def packed_parameters(self) -> list[torch.Tensor]:
+        """A copy of the parameters, one tensor per dtype in buffer order without the alignment padding (what
+        a checkpoint holds and a digest covers: the same bytes whatever the padding)."""
+        return [torch.cat([g.buffer[lo:hi] for lo, hi in sorted(g.bounds)]) for g in self._param_groups]
+
+    def load_packed_parameters(self, packed: list[torch.Tensor]) -> None:
+        """The inverse of ``packed_parameters``; raises ValueError if they are not this model's."""
+        sizes = [(sum(hi - lo for lo, hi in g.bounds), g.buffer.dtype) for g in self._param_groups]
+        if sizes != [(t.numel(), t.dtype) for t in packed]:
+            raise ValueError(f"its parameters ({[(t.numel(), t.dtype) for t in packed]}) are not this model's "
+                             f"({sizes})")
+        with torch.no_grad():
+            for g, t in zip(self._param_groups, packed):
+                at = 0
+                for lo, hi in sorted(g.bounds):
+                    g.buffer[lo:hi].copy_(t[at:at + hi - lo])
+                    at += hi - lo
 
     @property
     def gradient_buffers(self) -> list[torch.Tensor]:

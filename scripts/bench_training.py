@@ -174,7 +174,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--topologies", default="ring,butterfly")
-    parser.add_argument("--bucket-bytes", type=int, default=mpiml.optimizer.DEFAULT_BUCKET_BYTES)
+    parser.add_argument("--bucket-bytes", type=int, default=None,
+                        help="default: DistributedOptimizer's (4 MiB with overlap, 64 MiB without)")
     parser.add_argument("--compression", default="none",
                         help="comma-separated list of none, fp16, bf16 (each topology is run with each)")
     parser.add_argument("--overlap", default="both", choices=["both", "on", "off", "default"],

@@ -140,9 +140,6 @@ class _Channel:
         request.Start()
         return request
 
-    def agreed_word(self) -> bool:
-        return self.word[0] == -self.word[1]
-
     def free(self) -> None:
         if self.request is not None:
             try:
@@ -343,7 +340,8 @@ def _checked(ch: _Channel, args: _Args, body: Callable[[_Channel, _Args, _Agreed
     speculate = plan[1]
     if not speculate:
         request.Wait()
-        if not ch.agreed_word() or args.error is not None:  # (an error is in the code: then all ranks have it)
+        word = ch.word
+        if word[0] != -word[1] or args.error is not None:  # (an error is in the code: then all ranks have it)
             _disagreement(ch, args, same_length, False)
         result = body(ch, args, _details(ch, args, same_length))
         if speculate is None and args.error is None and same_length:
@@ -372,6 +370,8 @@ def _checked(ch: _Channel, args: _Args, body: Callable[[_Channel, _Args, _Agreed
 def _details(ch: _Channel, args: _Args, same_length: bool) -> _Agreed:
     """After the ranks agreed on the signature: each rank's length where lengths may differ (allgather), and
     whether any rank's float16 mean needs prescaling (only then: one more tiny collective on ``ch.check``)."""
+    if same_length and (args.op != "mean" or args.flat.dtype != "float16"):
+        return _AGREED  # the common case: nothing more to agree on
     lengths = None
     if not same_length:
         lengths = ch.check.allgather(args.flat.array.size)

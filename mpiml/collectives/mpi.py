@@ -30,10 +30,17 @@ _TYPES = {"float16": "FLOAT16_T", "float32": "FLOAT", "float64": "DOUBLE", "int3
 _user_ops: dict[tuple[str, str], MPI.Op] = {}
 
 
+_known: dict[tuple[str, str], tuple[MPI.Datatype, MPI.Op]] = {}
+
+
 def _datatype_and_op(red: Reduction, a: np.ndarray) -> tuple[MPI.Datatype, MPI.Op]:
+    found = _known.get((red.op, red.dtype))
+    if found is not None:
+        return found
     datatype = getattr(MPI, _TYPES[red.dtype], MPI.DATATYPE_NULL)
     if datatype != MPI.DATATYPE_NULL:
-        return datatype, getattr(MPI, _PREDEFINED_OPS[red.op])
+        found = _known[(red.op, red.dtype)] = datatype, getattr(MPI, _PREDEFINED_OPS[red.op])
+        return found
     # No such type in this MPI (bfloat16 in both wheels): reduce through a
     # user-defined op with our own arithmetic on the raw 16-bit words.
     key = (red.op, red.dtype)

@@ -47,10 +47,12 @@ if TYPE_CHECKING:
 
     from ..optimizer import DistributedOptimizer
 
-__all__ = ["Strategy", "Option", "OPTIONS", "REPLICATED", "PER_RANK", "SHARDED", "given", "DEFAULT_BUCKET_BYTES"]
+__all__ = ["Strategy", "Option", "OPTIONS", "REPLICATED", "PER_RANK", "SHARDED", "given", "DEFAULT_BUCKET_BYTES",
+           "SYNC_BUCKET_BYTES"]
 
 REPLICATED, PER_RANK, SHARDED = "replicated", "per-rank", "sharded"
-DEFAULT_BUCKET_BYTES = 4 << 20
+DEFAULT_BUCKET_BYTES = 4 << 20  # gradient buckets while overlapping with backward
+SYNC_BUCKET_BYTES = 64 << 20  # ... and without overlap, where one collective measured faster than several
 
 
 class Option(NamedTuple):
@@ -69,7 +71,8 @@ class Option(NamedTuple):
 
 OPTIONS: dict[str, Option] = {o.keyword: o for o in (
     Option("overlap", "--overlap/--no-overlap", None, "allreduce gradient buckets during backward"),
-    Option("bucket_bytes", "--bucket-bytes", DEFAULT_BUCKET_BYTES, "gradient bucket size"),
+    Option("bucket_bytes", "--bucket-bytes", None, "gradient bucket size (default: 4 MiB with overlap, 64 MiB "
+                                                   "without)"),
     Option("compression", "--compression", "none", "fp16/bf16 on the wire"),
     Option("backward_passes_per_step", "", 1, "accumulate gradients locally"),
     Option("poll_interval", "", None, "how waits for the network wait"),

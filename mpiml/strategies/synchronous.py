@@ -3,7 +3,11 @@
 Gradients are cut into buckets of about ``bucket_bytes`` (reverse parameter
 order) and each bucket goes through the communication hook (an allreduce,
 wrapped by compression when asked for) as soon as backward has produced it,
-on a communication thread when ``overlap`` (``mpiml.buckets``). With
+on a communication thread when ``overlap`` (``mpiml.buckets``). Without
+overlap, buckets only split the work, so by default they are large
+(``SYNC_BUCKET_BYTES``: one collective for a model up to 64 MiB); with it,
+parameters of ``ALONE_BYTES`` or more are buckets of their own, combined where
+backward left their gradient. With
 ``--topology hier`` the gradient buffers live in the host's shared-memory
 window, so the hierarchical allreduce reduces them in place. Every replica
 ends each step bitwise identical.
@@ -19,7 +23,7 @@ import torch
 
 from .. import collectives
 from ..buckets import GradientBuckets
-from .base import REPLICATED, Strategy
+from .base import DEFAULT_BUCKET_BYTES, REPLICATED, SYNC_BUCKET_BYTES, Strategy
 from .hooks import allreduce_hook, compressed
 
 if TYPE_CHECKING:
@@ -100,11 +104,13 @@ class Synchronous(Strategy):
         overlap = self.settings["overlap"]
         hook = compressed(allreduce_hook(self.algorithm, self.comm, self.poll), self.settings["compression"],
                           opt.comm.Get_size())
-        self.engine = GradientBuckets(opt.params, opt.grad_spans, self.settings["bucket_bytes"], hook,
-                                      spare_core(self.layout.local_size) if overlap is None else overlap,
-                                      opt.backward_passes_per_step,
-                                      # hier reduces inside its shared window: every gradient must be there
-                                      alone_bytes=None if self.algorithm == "hier" else ALONE_BYTES)
+        overlap = spare_core(self.layout.local_size) if overlap is None else overlap
+        bucket_bytes = self.settings["bucket_bytes"] or (DEFAULT_BUCKET_BYTES if overlap else SYNC_BUCKET_BYTES)
+        # Lone buckets only where buckets start during backward (measured: without overlap, one collective
+        # and a copy beat several collectives), and not for hier, which reduces inside its shared window.
+        alone = ALONE_BYTES if overlap and self.algorithm != "hier" else None
+        self.engine = GradientBuckets(opt.params, opt.grad_spans, bucket_bytes, hook, overlap,
+                                      opt.backward_passes_per_step, alone_bytes=alone)
 
     def synchronize(self, opt: DistributedOptimizer) -> bool | None:
         if self.engine is None:

@@ -274,8 +274,9 @@ def test_local_sgd_replicas_differ_between_averagings_and_agree_after():
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("overlap", [False, True])
 def test_large_gradients_reduced_where_they_lie_train_like_the_flat_buffer(monkeypatch, overlap):
-    """Parameters of at least ALONE_BYTES are combined where backward left their (fresh) gradient; the
-    replicas stay identical and the run matches one where every gradient is copied into the flat buffer."""
+    """With overlap, parameters of at least ALONE_BYTES are combined where backward left their (fresh)
+    gradient; without, everything goes through one bucket. The replicas stay identical and the run matches
+    one where every gradient is copied into the flat buffer."""
     import mpiml.strategies.synchronous as sync
     alone = sync.ALONE_BYTES
     assert alone is not None
@@ -293,7 +294,9 @@ def test_large_gradients_reduced_where_they_lie_train_like_the_flat_buffer(monke
             opt.zero_grad(set_to_none=zero_grad_to_none)
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
-        if comm.size > 1 and alone_bytes is not None:
+        if comm.size > 1 and not overlap:
+            assert not opt.strategy.engine.in_place and len(opt.buckets) == 1
+        if comm.size > 1 and alone_bytes is not None and overlap:
             assert opt.strategy.engine.in_place == {0}  # the 600x500 weight (1.2 MB)
             buffer = opt.gradient_buffers[0]
             inside = buffer.data_ptr() <= model[0].weight.grad.data_ptr() < buffer.data_ptr() + buffer.nbytes
