@@ -13,8 +13,18 @@ import textwrap
 import time
 
 import pytest
-from failure_cases import (CASES, ROOT, check, is_open_mpi, kill_a_rank_mid_training, mpiexec, rank_pids, run,
-                           run_from, train_cmd)
+from failure_cases import (
+    CASES,
+    ROOT,
+    check,
+    is_open_mpi,
+    kill_a_rank_mid_training,
+    mpiexec,
+    rank_pids,
+    run,
+    run_from,
+    train_cmd,
+)
 
 from mpiml import checkpoint
 
