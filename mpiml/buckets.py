@@ -48,6 +48,7 @@ class Bucket:
         self.index, self.buffer, self.lo, self.hi, self.params = index, buffer, lo, hi, params
         self.alone = alone  # one parameter, combined where its gradient lies
         self.view = buffer[lo:hi]
+        self.target: torch.Tensor | None = None  # where it was combined this step
         self.waiting = len(params)
         self.launched = False
         self.done = threading.Event()
@@ -71,6 +72,7 @@ class GradientBuckets:
         self.spans = list(spans)
         self.buckets = self._layout(spans, bucket_bytes, alone_bytes)
         self.in_place = frozenset(b.params[0] for b in self.buckets if b.alone)  # gradients left where they lie
+        self.check_before = True  # check each bucket's own gradients before combining (else: combined_finite)
         self.bucket_of = {i: b for b in self.buckets for i in b.params}
         self._countdown = [self.passes] * len(params)
         self._next = 0
@@ -175,10 +177,15 @@ class GradientBuckets:
         self.comm_seconds += time.perf_counter() - start
 
     def _reduce_bucket(self, bucket: Bucket, name: str) -> None:
-        target = self._where(bucket)
-        if not all_finite(target):
+        target = bucket.target = self._where(bucket)
+        if self.check_before and not all_finite(target):
             self.local_finite = False  # this rank's own gradient, before it is mixed with the others'
         self.hook(target, "mean", name)
+
+    def combined_finite(self) -> bool:
+        """After ``wait``: whether every bucket's combined gradients are finite (the same on every rank:
+        an exact allreduce leaves them bitwise identical; a NaN or Inf anywhere survives the sum)."""
+        return all(all_finite(b.target) for b in self.buckets if b.target is not None)
 
     def _where(self, bucket: Bucket) -> torch.Tensor:
         """Where the bucket's gradients lie: its view of the flat buffer, or a lone parameter's fresh gradient

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from mpi4py import MPI
 from . import collectives
 from .runtime import UserError
 
-__all__ = ["NonFiniteGradient", "ReplicasDiverged", "finite", "agree_finite", "check_consistency"]
+__all__ = ["NonFiniteGradient", "ReplicasDiverged", "finite", "agree_finite", "check_consistency", "Combined"]
 
 
 class NonFiniteGradient(UserError):
@@ -32,6 +33,15 @@ class NonFiniteGradient(UserError):
 
 class ReplicasDiverged(UserError):
     """Ranks hold different parameters where an exact topology promises identical ones."""
+
+
+class Combined(NamedTuple):
+    """What a strategy that checked the *combined* gradients found: identical on every rank (they hold the
+    same bits), so no vote is needed when ``finite``. If not, ``local`` says whether this rank's own
+    gradients were finite (to name the culprits; True where they could not be checked)."""
+
+    finite: bool
+    local: bool = True
 
 
 def all_finite(buffer: torch.Tensor) -> bool:
@@ -60,6 +70,10 @@ def _ranks(ranks: list[int]) -> str:
 
 
 def non_finite_message(bad: list[int], step: int, action: str) -> str:
+    if not bad:
+        return (f"non-finite averaged gradient (NaN or Inf) at step {step}, though no rank's own gradient was "
+                f"found non-finite (their sum overflowed, or gradients accumulated in place left nothing to "
+                f"check); {action}")
     return f"non-finite gradient (NaN or Inf) at step {step} on {_ranks(bad)}; {action}"
 
 

@@ -166,7 +166,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.wait_seconds = 0.0  # time step() spent waiting for communication (the exposed part)
         self._blocking_seconds = 0.0  # communication the optimizer waited for (synchronize, apply, after_step)
         self._synchronized = False
-        self._local_finite: bool | None = None
+        self._local_finite: bool | guards.Combined | None = None
         self._should_sync = True
         self._flat_grads = self.strategy.flat_gradients(self)
         allocate = self.strategy.prepare(self)
@@ -201,6 +201,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
         """Bytes of each dtype's flat buffer (known before the buffers exist: for ``Strategy.prepare``)."""
         return {d: _layout([self.params[i].shape for i in idx], d)[1] * self.params[idx[0]].element_size()
                 for d, idx in _grouped(self.params).items()}
+
+    @property
+    def gradient_views(self) -> list[torch.Tensor]:
+        """Each parameter's gradient view of the flat buffer (empty without flat gradients)."""
+        return list(self._grad_views) if self._flat_grads else []
 
     @property
     def grad_spans(self) -> list[tuple[torch.Tensor, int, int]]:
@@ -389,7 +394,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
         or on this rank alone for asynchronous strategies."""
         local = self._local_finite if self._local_finite is not None else guards.finite(self.gradient_buffers)
         size = self.comm.Get_size()
-        if self.strategy.nan_scope == "local" or size == 1:
+        if isinstance(local, guards.Combined):  # checked after combining: the same verdict on every rank
+            if local.finite:
+                return True
+            bad = guards.agree_finite(local.local, self.comm, self.step_count)
+        elif self.strategy.nan_scope == "local" or size == 1:
             if local:
                 return True
             bad = [self.comm.Get_rank()]

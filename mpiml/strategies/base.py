@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
     import torch
 
+    from ..guards import Combined
     from ..optimizer import DistributedOptimizer
 
 __all__ = ["Strategy", "Option", "OPTIONS", "REPLICATED", "PER_RANK", "SHARDED", "given", "DEFAULT_BUCKET_BYTES",
@@ -131,9 +132,10 @@ class Strategy:
     def attach(self, opt: DistributedOptimizer) -> None:
         """After the flat buffers exist: set up communicators, buckets, shard optimizers, servers."""
 
-    def synchronize(self, opt: DistributedOptimizer) -> bool | None:
+    def synchronize(self, opt: DistributedOptimizer) -> bool | Combined | None:
         """Combine gradients before the update; return whether this rank's own gradients were finite
-        (None: not checked, the optimizer checks the gradient buffers itself)."""
+        (None: not checked, the optimizer checks the gradient buffers itself), or what a check of the
+        combined gradients found (``guards.Combined``: no vote needed when they are finite)."""
         return None
 
     def apply(self, opt: DistributedOptimizer) -> None:

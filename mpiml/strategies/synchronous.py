@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import collectives
+from .. import collectives, guards
 from ..buckets import GradientBuckets
 from .base import DEFAULT_BUCKET_BYTES, REPLICATED, SYNC_BUCKET_BYTES, Strategy
 from .hooks import allreduce_hook, compressed
@@ -111,17 +111,29 @@ class Synchronous(Strategy):
         alone = ALONE_BYTES if overlap and self.algorithm != "hier" else None
         self.engine = GradientBuckets(opt.params, opt.grad_spans, bucket_bytes, hook, overlap,
                                       opt.backward_passes_per_step, alone_bytes=alone)
+        # An exact allreduce leaves the same bits everywhere, so one check of the combined gradients (hot in
+        # cache, just written) decides for every rank: no check of each rank's own first, and no vote.
+        self.engine.check_before = False
 
-    def synchronize(self, opt: DistributedOptimizer) -> bool | None:
+    def synchronize(self, opt: DistributedOptimizer) -> guards.Combined | None:
         if self.engine is None:
             return None
+        own = [p.grad for p in opt.params]  # fresh gradients, still this rank's own after the copy below
         opt.reattach_grads(keep=self.engine.in_place)
         self.engine.flush()
         with opt.timeline.span("wait for gradients", "comm"):
             self.engine.wait()
-        finite = self.engine.local_finite
+        verdict = guards.Combined(True)
+        if not self.engine.combined_finite():  # rare: which ranks' own gradients were not finite?
+            in_buffer = {id(v) for v in opt.gradient_views}
+            verdict = guards.Combined(False, guards.finite([g for g in own if g is not None and id(g) not in
+                                                            in_buffer and not self._combined_in_place(g)]))
         self.engine.reset()
-        return finite
+        return verdict
+
+    def _combined_in_place(self, g: torch.Tensor) -> bool:
+        """Whether ``g`` is a lone bucket's gradient, combined where it lay (no longer this rank's own)."""
+        return any(b.target is not None and b.target.data_ptr() == g.data_ptr() for b in self.engine.buckets)
 
     @property
     def comm_seconds(self) -> float | None:

@@ -65,9 +65,10 @@ def test_zero_grad_as_torch_and_scheduler_works(set_to_none):
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     buffers = [b.data_ptr() for b in opt.gradient_buffers]
     assert len(buffers) == (1 if comm.size > 1 else 0)
-    for _ in range(2):
+    for step in range(2):
         opt.zero_grad(set_to_none=set_to_none)
-        assert all((p.grad is None) == set_to_none for p in model.parameters())
+        if set_to_none or step:  # (before the first backward, one rank has no gradient to zero, as torch)
+            assert all((p.grad is None) == set_to_none for p in model.parameters())
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         sched.step()
@@ -227,6 +228,29 @@ def test_nan_gradient_skip_continues():
     poisoned_step(opt, model, x, y, poison=False)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert len(set(comm.allgather(mpiml.parameters_sha256(model.parameters())))) == 1
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_finite_gradients_whose_average_overflows_are_caught_too(set_to_none):
+    """The combined gradients are checked (identical on every rank): finite ones whose sum overflows float32
+    are not applied either, and the message says no rank's own gradient was to blame."""
+    model = torch.nn.Linear(3, 1, bias=False)
+    opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1e-40), model, on_nan="skip")
+    before = model.weight.detach().clone()
+    opt.zero_grad(set_to_none=set_to_none)
+    (model(torch.ones(1, 3)) * 3e38).sum().backward()  # finite on every rank: 3e38 each, the sum is not
+    assert torch.isfinite(model.weight.grad).all()
+    opt.step()
+    assert opt.skipped_steps == [(0, [])]
+    assert torch.equal(model.weight.detach(), before)
+    assert "sum overflowed" in mpiml.guards.non_finite_message([], 0, "step skipped")
+    opt.param_groups[0]["lr"] = 0.1
+    opt.zero_grad(set_to_none=set_to_none)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()  # an ordinary step goes through
+    assert opt.skipped_steps == [(0, [])] and not torch.equal(model.weight.detach(), before)
 
 
 @pytest.mark.mpi(min_size=2)
