@@ -38,9 +38,25 @@ def still_usable(world, comm, rng, before=None, speculated=True):
 
 
 @pytest.fixture
-def comm(world):
-    c = world.Dup()  # a fresh channel: nothing cached from other tests
+def comm(world, monkeypatch):
+    """A fresh channel (nothing cached from other tests) whose small calls run beside their check, as they do
+    across hosts (the default, collectives.SPECULATE = "network", does it only there)."""
+    monkeypatch.setattr(collectives, "SPECULATE", "always")
+    c = world.Dup()
     yield c
+    c.Free()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_on_one_host_calls_wait_for_their_check_by_default(world, rng):
+    c = world.Dup()
+    x = rng.standard_normal(64)
+    for step in range(5):
+        collectives.allreduce(x, algorithm="ring", comm=c, name=f"step {step}")
+    before = collectives.private_comm(c)
+    with pytest.raises(CollectiveError, match="ranks disagree on name"):
+        collectives.allreduce(x, algorithm="ring", comm=c, name="step 5" if world.rank else "step 6")
+    still_usable(world, c, rng, before, speculated=collectives.hier.topology(before).hosts > 1)
     c.Free()
 
 
