@@ -38,9 +38,14 @@ __all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "choose", "c
            "network_choice", "layout_key", "NETWORK_SMALL_BYTES", "known_choice"]
 SPECULATIVE: tuple[str, ...] = ()  # its waits do not watch the agreement check (collectives._checked)
 
-# Measured with `python -m mpiml.bench calibrate` at 2 ranks (MPICH 5.0.2 wheel, 2-core VM), see README.
+# Measured on this project's 2-core VM (MPICH 5.0.2 wheel) with `python -m mpiml.bench allreduce --algorithms
+# mpi,ring,tree,butterfly,hier --rounds 5` twice per rank count, the median of the two, then
+# `mpiml.bench.calibration_rows` (the library's own unless another was 10% faster); 3 and 4 ranks are
+# oversubscribed there. See README, "auto".
 DEFAULT_TABLE: dict[str, list[list[Any]]] = {
-    "2": [[2 << 20, "mpi"], [8 << 20, "ring"], [32 << 20, "butterfly"], [None, "tree"]],
+    "2": [[8 << 20, "mpi"], [128 << 20, "tree"], [None, "butterfly"]],
+    "3": [[128 << 10, "mpi"], [8 << 20, "hier"], [None, "ring"]],
+    "4": [[512 << 10, "mpi"], [8 << 20, "hier"], [None, "tree"]],
 }
 _keyval: int | None = None
 # Up to this size a message over TCP is latency-bound: the library's Allreduce (few messages) wins there.
@@ -94,6 +99,7 @@ class _Choice:
         self.hosts = topo.hosts if topo is not None else 1
         self.per_host = topo.local_size if topo is not None and topo.uniform else 1
         key = layout_key(self.hosts, self.per_host, size)
+        self.chosen: dict[tuple[int, str], str] = {}  # (bytes, dtype) -> algorithm, looked up before
         self.rows: list[list[Any]] | None
         if key in table:
             self.rows = table[key]
@@ -118,6 +124,16 @@ def _choice(comm: MPI.Comm) -> _Choice:
 def choose(nbytes: int, comm: MPI.Comm, dtype: str = "float32") -> str:
     """The algorithm ``auto`` uses for ``nbytes`` of ``dtype`` on ``comm`` (collective on its first call)."""
     known = _choice(comm)
+    key = (nbytes, dtype)
+    found = known.chosen.get(key)
+    if found is None:
+        found = known.chosen[key] = _look_up(known, nbytes, dtype)
+        if len(known.chosen) > 4096:
+            known.chosen.clear()
+    return found
+
+
+def _look_up(known: _Choice, nbytes: int, dtype: str) -> str:
     if known.rows is None:
         return network_choice(nbytes, known.hosts, known.per_host, dtype)
     for bound, algorithm in known.rows:
@@ -133,21 +149,28 @@ def known_choice(nbytes: int, comm: MPI.Comm, dtype: str = "float32") -> str | N
     return choose(nbytes, comm, dtype)
 
 
+def _algorithms() -> dict[str, Any]:
+    global _registry
+    if _registry is None:
+        from . import ALGORITHMS  # (the registry imports this module: looked up once, not on every call)
+        _registry = ALGORITHMS
+    return _registry
+
+
+_registry: dict[str, Any] | None = None
+
+
 def allreduce(a: np.ndarray, red: Reduction, comm: Any) -> None:
-    from . import ALGORITHMS
-    ALGORITHMS[choose(a.nbytes, comm, red.dtype)].allreduce(a, red, comm)
+    _algorithms()[choose(a.nbytes, comm, red.dtype)].allreduce(a, red, comm)
 
 
 def reduce_scatter(a: np.ndarray, red: Reduction, comm: Any) -> tuple[int, int]:
-    from . import ALGORITHMS
-    return ALGORITHMS[choose(a.nbytes, comm)].reduce_scatter(a, red, comm)
+    return _algorithms()[choose(a.nbytes, comm)].reduce_scatter(a, red, comm)
 
 
 def allgather(out: np.ndarray, bounds: list[int], comm: Any) -> None:
-    from . import ALGORITHMS
-    ALGORITHMS[choose(out.nbytes, comm)].allgather(out, bounds, comm)
+    _algorithms()[choose(out.nbytes, comm)].allgather(out, bounds, comm)
 
 
 def broadcast(a: np.ndarray, root: int, comm: Any) -> None:
-    from . import ALGORITHMS
-    ALGORITHMS[choose(a.nbytes, comm)].broadcast(a, root, comm)
+    _algorithms()[choose(a.nbytes, comm)].broadcast(a, root, comm)
