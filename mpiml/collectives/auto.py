@@ -40,10 +40,10 @@ SPECULATIVE: tuple[str, ...] = ()  # its waits do not watch the agreement check 
 
 # Measured on this project's 2-core VM (MPICH 5.0.2 wheel) with `python -m mpiml.bench allreduce --algorithms
 # mpi,ring,tree,butterfly,hier --rounds 5` twice per rank count, the median of the two, then
-# `mpiml.bench.calibration_rows` (the library's own unless another was 10% faster); 3 and 4 ranks are
+# `mpiml.bench.calibration_rows` (up to 1 MiB the library's own unless another was 10% faster); 3 and 4 are
 # oversubscribed there. See README, "auto".
 DEFAULT_TABLE: dict[str, list[list[Any]]] = {
-    "2": [[8 << 20, "mpi"], [128 << 20, "tree"], [None, "butterfly"]],
+    "2": [[2 << 20, "mpi"], [128 << 20, "tree"], [None, "butterfly"]],
     "3": [[128 << 10, "mpi"], [8 << 20, "hier"], [None, "ring"]],
     "4": [[512 << 10, "mpi"], [8 << 20, "hier"], [None, "tree"]],
 }
