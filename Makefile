@@ -55,8 +55,9 @@ test-mpi: install
 	echo "== MPICH, 8 ranks (quick subset)"
 	timeout $(MPI_TEST_TIMEOUT) $(VENV)/bin/mpiexec -n 8 $(VENV)/bin/python $(PYTEST_MPI) -m "not slow"
 
+# Open MPI at 1, 2 and 3 ranks (an odd count, a fake 2-rank host in hier at 3); 4 and 8 ranks run under MPICH.
 test-openmpi: install-openmpi
-	for n in 1 2 3 4; do \
+	for n in 1 2 3; do \
 	  echo "== Open MPI, $$n ranks"; \
 	  timeout $(MPI_TEST_TIMEOUT) $(OMPI_VENV)/bin/mpiexec --oversubscribe -n $$n $(OMPI_VENV)/bin/python $(PYTEST_MPI); \
 	done
