@@ -72,12 +72,10 @@ class GradientBuckets:
         self.spans = list(spans)
         self.buckets = self._layout(spans, bucket_bytes, alone_bytes)
         self.in_place = frozenset(b.params[0] for b in self.buckets if b.alone)  # gradients left where they lie
-        self.check_before = True  # check each bucket's own gradients before combining (else: combined_finite)
         self.bucket_of = {i: b for b in self.buckets for i in b.params}
         self._countdown = [self.passes] * len(params)
         self._next = 0
         self.step = 0
-        self.local_finite = True
         self._error: BaseException | None = None
         self._queue: queue.Queue[Bucket | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -177,10 +175,8 @@ class GradientBuckets:
         self.comm_seconds += time.perf_counter() - start
 
     def _reduce_bucket(self, bucket: Bucket, name: str) -> None:
-        target = bucket.target = self._where(bucket)
-        if self.check_before and not all_finite(target):
-            self.local_finite = False  # this rank's own gradient, before it is mixed with the others'
-        self.hook(target, "mean", name)
+        bucket.target = self._where(bucket)
+        self.hook(bucket.target, "mean", name)
 
     def combined_finite(self) -> bool:
         """After ``wait``: whether every bucket's combined gradients are finite (the same on every rank:
@@ -227,7 +223,6 @@ class GradientBuckets:
     def reset(self) -> None:
         """Arm the buckets for the next step."""
         self.step += 1
-        self.local_finite = True
         self._countdown = [self.passes] * len(self._countdown)
         for b in self.buckets:
             b.waiting, b.launched = len(b.params), False

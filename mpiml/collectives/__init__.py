@@ -276,10 +276,14 @@ def _fields(args: _Args, same_length: bool) -> tuple[int, ...]:
     )
 
 
-def _signature_code(shape: tuple[int, ...], name: str | None) -> int:
-    """A 62-bit code of the whole signature, the same on every rank (CRC-based, not Python's salted hash)."""
+def _signature_code(shape: tuple[int, ...]) -> int:
+    """A 62-bit code of a call's shape, the same on every rank (CRC-based, not Python's salted hash)."""
     packed = array.array("q", shape).tobytes()
-    base = (zlib.crc32(packed) << 31 ^ zlib.crc32(packed, 0x5BD1E995)) & _MASK62
+    return (zlib.crc32(packed) << 31 ^ zlib.crc32(packed, 0x5BD1E995)) & _MASK62
+
+
+def _named(base: int, name: str | None) -> int:
+    """A shape's code with the call's name mixed in (no name: the shape's own)."""
     return (base ^ _code(name) * 0x9E3779B1) & _MASK62 if name else base
 
 
@@ -322,13 +326,13 @@ def _plan(ch: _Channel, args: _Args, same_length: bool) -> list[Any]:
     run beside their check (None: not agreed yet)]. Looked up by the caller's own values (cheap to hash)."""
     flat = args.flat
     if args.error is not None or flat is None:
-        return [_signature_code(_fields(args, same_length), None), None]
+        return [_signature_code(_fields(args, same_length)), None]
     key = (args.kind, args.algorithm, args.op, flat.dtype, flat.array.size if same_length else -1, args.root)
     plan = ch.agreed.get(key)
     if plan is None:
         if len(ch.agreed) > 4096:  # a program that never repeats a shape: forget, rather than grow
             ch.agreed.clear()
-        plan = ch.agreed[key] = [_signature_code(_fields(args, same_length), None), None]
+        plan = ch.agreed[key] = [_signature_code(_fields(args, same_length)), None]
     return plan
 
 
@@ -338,7 +342,7 @@ def _checked(ch: _Channel, args: _Args, body: Callable[[_Channel, _Args, _Agreed
     raise CollectiveError on every rank if they did not (or if any rank's arguments are invalid).
 
     Every call starts the same tiny allreduce on ``ch.check`` (``_Channel.start_check``): the MAX of
-    ``[code, -code]`` of its signature (``_signature_code``); the ranks agree iff the result is ``[c, -c]``.
+    ``[code, -code]`` of its signature (``_signature_code``, ``_named``); the ranks agree iff the result is ``[c, -c]``.
     The first time a shape (the signature without its name) is seen, the body runs once the check has
     passed. After that, calls of a shape that may speculate (``_may_speculate``: small ones) run the body
     *beside* the check, which then costs no round trip: the algorithms' waits also watch it
@@ -351,8 +355,7 @@ def _checked(ch: _Channel, args: _Args, body: Callable[[_Channel, _Args, _Agreed
             raise CollectiveError(f"{args.kind}: " + "; ".join(_describe(_table(args, False)[None], 0, args, True)))
         return body(ch, args, _AGREED)
     plan = _plan(ch, args, same_length)
-    code = plan[0] if not args.name else (plan[0] ^ _code(args.name) * 0x9E3779B1) & _MASK62
-    request = ch.start_check(code)
+    request = ch.start_check(_named(plan[0], args.name))
     speculate = plan[1]
     if not speculate:
         request.Wait()

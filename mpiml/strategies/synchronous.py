@@ -111,9 +111,6 @@ class Synchronous(Strategy):
         alone = ALONE_BYTES if overlap and self.algorithm != "hier" else None
         self.engine = GradientBuckets(opt.params, opt.grad_spans, bucket_bytes, hook, overlap,
                                       opt.backward_passes_per_step, alone_bytes=alone)
-        # An exact allreduce leaves the same bits everywhere, so one check of the combined gradients (hot in
-        # cache, just written) decides for every rank: no check of each rank's own first, and no vote.
-        self.engine.check_before = False
 
     def synchronize(self, opt: DistributedOptimizer) -> guards.Combined | None:
         if self.engine is None:
@@ -123,6 +120,8 @@ class Synchronous(Strategy):
         self.engine.flush()
         with opt.timeline.span("wait for gradients", "comm"):
             self.engine.wait()
+        # An exact allreduce leaves the same bits everywhere, so one check of the combined gradients (hot in
+        # cache, just written) decides for every rank: no check of each rank's own first, and no vote.
         verdict = guards.Combined(True)
         if not self.engine.combined_finite():  # rare: which ranks' own gradients were not finite?
             in_buffer = {id(v) for v in opt.gradient_views}
