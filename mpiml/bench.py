@@ -149,34 +149,10 @@ def format_table(records: list[dict[str, Any]], ratios: tuple[tuple[str, str], .
     return "\n".join(lines)
 
 
-# Up to MARGIN_BYTES, another algorithm replaces the library's own only if it measured at least this much
-# faster: there a call is mostly fixed costs, within the noise of a shared machine, and the library's is the
-# safe choice ("auto never slower"). Above, the fastest wins: a training step's buffers, fresh each step,
-# measured the library's Allreduce much slower in the step than alone (7.45 MB: +3 ms a step against ring).
-CALIBRATION_MARGIN = 1.10
-MARGIN_BYTES = 1 << 20
-
-
 def calibration_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
-    """``auto``'s table from measurements: the fastest correct algorithm per size (the library's own unless
-    another beat it by ``CALIBRATION_MARGIN``), switching halfway between measured sizes (geometric)."""
-    sizes = sorted({r["size_bytes"] for r in records})
-    winners = []
-    for size in sizes:
-        rows = [r for r in records if r["size_bytes"] == size and r["correct"] is not False]
-        best = min(rows, key=lambda r: r["time_us"])
-        library = next((r for r in rows if r["algorithm"] == "mpi"), None)
-        if library is not None and size <= MARGIN_BYTES and best["time_us"] * CALIBRATION_MARGIN > library["time_us"]:
-            best = library
-        winners.append(best["algorithm"])
-    table: list[list[Any]] = []
-    for i, (size, winner) in enumerate(zip(sizes, winners)):
-        bound = int((size * sizes[i + 1]) ** 0.5) if i + 1 < len(sizes) else None
-        if table and table[-1][1] == winner:
-            table[-1][0] = bound
-        else:
-            table.append([bound, winner])
-    return table
+    """``auto``'s table from measurements (``mpiml.collectives.auto.table_rows``)."""
+    from .collectives import auto
+    return auto.table_rows(records)
 
 
 def save_calibration(records: list[dict[str, Any]], ranks: int | str, path: str | None) -> str:
@@ -226,6 +202,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     cal.add_argument("--output", metavar="PATH", help="calibration file (default $MPIML_CALIBRATION or "
                                                       "~/.cache/mpiml/calibration.json)")
     cal.set_defaults(dtype="float32", op="sum", check=True, raw=False, json=None)
+    fit = sub.add_parser("calibrate-model", help="fit mpiml.plan's cost model here and save it beside auto's table")
+    fit.add_argument("--output", metavar="PATH", help="calibration file (default $MPIML_CALIBRATION or "
+                                                      "~/.cache/mpiml/calibration.json)")
+    fit.set_defaults(sizes="", algorithms="", iters=1, rounds=1, warmup=0)
     args = parser.parse_args(argv)
     try:
         args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
@@ -248,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
+    if args.command == "calibrate-model":
+        return _calibrate_model(comm, args.output)
     if comm.Get_rank() == 0:
         print(f"# mpiml.bench allreduce: {comm.Get_size()} ranks, dtype {args.dtype}, op {args.op}, "
               f"{args.rounds} rounds x up to {args.iters} calls (median round; slowest rank)")
@@ -272,6 +254,23 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump({"meta": meta, "records": records}, f, indent=1)
     wrong = [r for r in records if r["correct"] is False]
     return 1 if wrong else 0
+
+
+def _calibrate_model(comm: Any, output: str | None) -> int:
+    from . import calibrate
+    from .collectives import auto
+
+    if comm.Get_size() < 2:
+        print("error: calibrate-model needs at least 2 ranks: run it under mpiexec -n 2 (or more)", file=sys.stderr)
+        return 2
+    machine, layout, notes = calibrate.fit_machine(comm)
+    if comm.Get_rank() == 0:
+        key = auto.layout_key(layout.hosts, layout.per_host, comm.Get_size())
+        path = calibrate.save_model(machine, key, notes, output)
+        print(f"# mpiml.plan's model for {key} ({layout.hosts} hosts x {layout.per_host} ranks), saved to {path}:")
+        for name, value in machine.to_json().items():
+            print(f"{name:>12} = {value:.4g}" if isinstance(value, float) else f"{name:>12} = {value}")
+    return 0
 
 
 if __name__ == "__main__":

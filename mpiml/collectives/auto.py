@@ -21,6 +21,15 @@ bytes over each host's link (``hier`` with several ranks per host, ``ring``
 with one, both at the link bound 2(H-1)/H * n), and the library's own
 Allreduce for messages small enough that latency, not the link, decides
 (measured on the emulated cluster, docs/cluster.md).
+
+**The cost model fills the gaps.** For a layout without a measured table,
+if the calibration file holds a cost model fitted by ``python -m mpiml.bench
+calibrate-model`` on the same kind of layout (one host, or several), the
+table is *predicted*: ``costmodel.model_rows`` replays every algorithm's
+schedule for this layout at 4 KiB .. 256 MiB and keeps the fastest, by the
+same rule as a measured table. Only without such a model does ``auto`` fall
+back to the nearest rank count's table (one host) or ``network_choice``.
+``decide`` says which source a layout gets.
 """
 
 from __future__ import annotations
@@ -35,12 +44,13 @@ from mpi4py import MPI
 from ._buffers import Reduction
 
 __all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "choose", "calibration_path", "DEFAULT_TABLE",
-           "network_choice", "layout_key", "NETWORK_SMALL_BYTES", "known_choice"]
+           "network_choice", "layout_key", "NETWORK_SMALL_BYTES", "known_choice", "table_rows",
+           "CALIBRATION_MARGIN", "MARGIN_BYTES", "decide"]
 SPECULATIVE: tuple[str, ...] = ()  # its waits do not watch the agreement check (collectives._checked)
 
 # Measured on this project's 2-core VM (MPICH 5.0.2 wheel) with `python -m mpiml.bench allreduce --algorithms
 # mpi,ring,tree,butterfly,hier --rounds 5` twice per rank count, the median of the two, then
-# `mpiml.bench.calibration_rows` (up to 1 MiB the library's own unless another was 10% faster); 3 and 4 are
+# `table_rows` (up to 1 MiB the library's own unless another was 10% faster); 3 and 4 are
 # oversubscribed there. See README, "auto".
 DEFAULT_TABLE: dict[str, list[list[Any]]] = {
     "2": [[2 << 20, "mpi"], [128 << 20, "tree"], [None, "butterfly"]],
@@ -51,6 +61,36 @@ _keyval: int | None = None
 # Up to this size a message over TCP is latency-bound: the library's Allreduce (few messages) wins there.
 NETWORK_SMALL_BYTES = 64 << 10
 _NO_MPI_TYPE = ("bfloat16",)  # no MPI datatype: the library would reduce through a Python user op
+
+
+# Up to MARGIN_BYTES, another algorithm replaces the library's own only if it measured at least this much
+# faster: there a call is mostly fixed costs, within the noise of a shared machine, and the library's is the
+# safe choice ("auto never slower"). Above, the fastest wins: a training step's buffers, fresh each step,
+# measured the library's Allreduce much slower in the step than alone (7.45 MB: +3 ms a step against ring).
+CALIBRATION_MARGIN = 1.10
+MARGIN_BYTES = 1 << 20
+
+
+def table_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
+    """``auto``'s table from measurements: the fastest correct algorithm per size (the library's own unless
+    another beat it by ``CALIBRATION_MARGIN``), switching halfway between measured sizes (geometric)."""
+    sizes = sorted({r["size_bytes"] for r in records})
+    winners = []
+    for size in sizes:
+        rows = [r for r in records if r["size_bytes"] == size and r["correct"] is not False]
+        best = min(rows, key=lambda r: r["time_us"])
+        library = next((r for r in rows if r["algorithm"] == "mpi"), None)
+        if library is not None and size <= MARGIN_BYTES and best["time_us"] * CALIBRATION_MARGIN > library["time_us"]:
+            best = library
+        winners.append(best["algorithm"])
+    table: list[list[Any]] = []
+    for i, (size, winner) in enumerate(zip(sizes, winners)):
+        bound = int((size * sizes[i + 1]) ** 0.5) if i + 1 < len(sizes) else None
+        if table and table[-1][1] == winner:
+            table[-1][0] = bound
+        else:
+            table.append([bound, winner])
+    return table
 
 
 def network_choice(nbytes: int, hosts: int, per_host: int, dtype: str = "float32") -> str:
@@ -77,15 +117,42 @@ def _valid(rows: Any) -> bool:
         and r[1] in ALGORITHMS and r[1] != "auto" for r in rows)
 
 
-def _load() -> dict[str, list[list[Any]]]:
+def _load() -> tuple[dict[str, list[list[Any]]], dict[str, Any]]:
+    """The tables (built-in, then the calibration file's) and the file's cost models (``calibrate-model``)."""
     table = {k: list(v) for k, v in DEFAULT_TABLE.items()}
+    models: dict[str, Any] = {}
     try:
         with open(calibration_path()) as f:
             saved = json.load(f)
         table.update({str(k): v for k, v in saved.get("tables", {}).items() if _valid(v)})
+        models = {str(k): v for k, v in saved.get("models", {}).items() if isinstance(v, dict)}
     except (OSError, ValueError, AttributeError):
         pass  # no (usable) calibration file: the built-in table
-    return table
+    return table, models
+
+
+def decide(hosts: int, per_host: int, size: int, uniform: bool = True) -> tuple[list[list[Any]] | None, str]:
+    """``auto``'s rows for a layout, and where they come from: ``"table"`` (measured for this layout),
+    ``"model"`` (predicted by ``costmodel`` from a model calibrated with the same kind of layout: on one
+    host, or across hosts), ``"nearest"`` (the table of the nearest rank count on one host) or
+    ``"network"`` (None: ``network_choice``)."""
+    table, models = _load()
+    key = layout_key(hosts, per_host, size)
+    if key in table:
+        return table[key], "table"
+    across = [k for k in sorted(models) if ("x" in k) == (hosts > 1)]
+    if across and (uniform or hosts == 1):
+        from . import costmodel
+        try:
+            machine = costmodel.Machine.from_json(models[across[0]])
+            layout = costmodel.Layout(hosts, per_host) if hosts > 1 else costmodel.Layout(1, size)
+            return costmodel.model_rows(layout, machine), "model"
+        except (TypeError, ValueError):
+            pass  # an unusable model: as if there were none
+    if hosts > 1:
+        return None, "network"
+    single = [k for k in table if "x" not in k]
+    return table[min(single, key=lambda k: abs(int(k) - size))], "nearest"
 
 
 class _Choice:
@@ -93,21 +160,16 @@ class _Choice:
 
     def __init__(self, comm: MPI.Comm) -> None:
         from . import hier
-        table = comm.bcast(_load() if comm.Get_rank() == 0 else None, root=0)
         size = comm.Get_size()
         topo = hier.topology(comm) if size > 1 else None
         self.hosts = topo.hosts if topo is not None else 1
         self.per_host = topo.local_size if topo is not None and topo.uniform else 1
-        key = layout_key(self.hosts, self.per_host, size)
-        self.chosen: dict[tuple[int, str], str] = {}  # (bytes, dtype) -> algorithm, looked up before
+        uniform = topo is None or topo.uniform
+        # rank 0 decides (a model's prediction takes a moment), every rank makes the same choices
+        decided = decide(self.hosts, self.per_host, size, uniform) if comm.Get_rank() == 0 else None
         self.rows: list[list[Any]] | None
-        if key in table:
-            self.rows = table[key]
-        elif self.hosts > 1:
-            self.rows = None  # across hosts and not calibrated for this layout: network_choice
-        else:
-            single = [k for k in table if "x" not in k]
-            self.rows = table[min(single, key=lambda k: abs(int(k) - size))]
+        self.rows, self.source = comm.bcast(decided, root=0)
+        self.chosen: dict[tuple[int, str], str] = {}  # (bytes, dtype) -> algorithm, looked up before
 
 
 def _choice(comm: MPI.Comm) -> _Choice:

@@ -39,7 +39,8 @@ from ._buffers import Reduction
 from ._chunks import chunk_bounds, num_pieces, pieces
 from ._schedule import DIRECT, FINAL, REDUCE, Schedule, Step, exchange, recv, run, send
 
-__all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "CHUNK_BYTES", "SMALL_BYTES", "DEPTH"]
+__all__ = ["allreduce", "allreduce_schedule", "reduce_scatter", "allgather", "broadcast",
+           "CHUNK_BYTES", "SMALL_BYTES", "DEPTH"]
 # Collectives whose waits watch a running agreement check (see collectives._checked).
 SPECULATIVE = ("allreduce", "reduce_scatter", "allgather", "broadcast")
 
@@ -184,6 +185,12 @@ def _broadcast_schedule(n: int, itemsize: int, p: int, r: int, root: int, chunk_
             steps.append(recv(parent, lo, hi, DIRECT))
         steps += [send(c, lo, hi) for c in children]
     return Schedule(steps, depth)
+
+
+def allreduce_schedule(n: int, itemsize: int, p: int, r: int) -> Schedule:
+    """Rank r's allreduce schedule for ``n`` elements of ``itemsize`` bytes on p ranks, with the current
+    settings: what ``allreduce`` runs, and what ``mpiml.plan`` and ``mpiml.cluster`` replay and count."""
+    return _allreduce_schedule(n, itemsize, p, r, CHUNK_BYTES, SMALL_BYTES, DEPTH)
 
 
 def allreduce(a: np.ndarray, red: Reduction, comm: Any) -> None:

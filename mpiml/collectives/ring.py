@@ -34,7 +34,8 @@ from ._buffers import Reduction
 from ._chunks import chunk_bounds, num_pieces, pieces
 from ._schedule import DIRECT, FINAL, REDUCE, Schedule, Step, recv, run, send
 
-__all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "CHUNK_BYTES", "WINDOW", "DEPTH"]
+__all__ = ["allreduce", "allreduce_schedule", "reduce_scatter", "allgather", "broadcast",
+           "CHUNK_BYTES", "WINDOW", "DEPTH"]
 # Collectives whose waits watch a running agreement check (see collectives._checked).
 SPECULATIVE = ("allreduce", "reduce_scatter", "allgather", "broadcast")
 
@@ -107,6 +108,12 @@ def _broadcast_schedule(n: int, itemsize: int, p: int, r: int, root: int, chunk_
         if nxt >= 0:
             steps.append(send(nxt, lo, hi))
     return Schedule(steps, depth)
+
+
+def allreduce_schedule(n: int, itemsize: int, p: int, r: int) -> Schedule:
+    """Rank r's allreduce schedule for ``n`` elements of ``itemsize`` bytes on p ranks, with the current
+    settings: what ``allreduce`` runs, and what ``mpiml.plan`` and ``mpiml.cluster`` replay and count."""
+    return _allreduce_schedule(n, itemsize, p, r, CHUNK_BYTES, WINDOW, DEPTH)
 
 
 def allreduce(a: np.ndarray, red: Reduction, comm: Any) -> None:

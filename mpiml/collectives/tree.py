@@ -31,7 +31,7 @@ from ._buffers import Reduction
 from ._chunks import chunk_bounds, num_pieces, pieces
 from ._schedule import DIRECT, FINAL, REDUCE, Schedule, Step, exchange, recv, run, send
 
-__all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "CHUNK_BYTES", "DEPTH"]
+__all__ = ["allreduce", "allreduce_schedule", "reduce_scatter", "allgather", "broadcast", "CHUNK_BYTES", "DEPTH"]
 # Collectives whose waits watch a running agreement check (see collectives._checked).
 SPECULATIVE = ("allreduce", "reduce_scatter", "allgather", "broadcast")
 
@@ -126,6 +126,12 @@ def _allgather_schedule(bounds: tuple[int, ...], itemsize: int, r: int, chunk_by
 @lru_cache(maxsize=256)
 def _broadcast_schedule(n: int, itemsize: int, p: int, r: int, root: int, chunk_bytes: int, depth: int) -> Schedule:
     return Schedule(_updown([_Node(r, p, root)], _chunks(n, itemsize, chunk_bytes), False, True), depth)
+
+
+def allreduce_schedule(n: int, itemsize: int, p: int, r: int) -> Schedule:
+    """Rank r's allreduce schedule for ``n`` elements of ``itemsize`` bytes on p ranks, with the current
+    settings: what ``allreduce`` runs, and what ``mpiml.plan`` and ``mpiml.cluster`` replay and count."""
+    return _allreduce_schedule(n, itemsize, p, r, CHUNK_BYTES, DEPTH)
 
 
 def allreduce(a: np.ndarray, red: Reduction, comm: Any) -> None:

@@ -104,6 +104,17 @@ class Strategy:
     checkpoints: ClassVar[bool] = True  # whether a training run with it can be checkpointed
     declares: ClassVar[tuple[Option, ...]] = ()  # options of its own, beyond OPTIONS
 
+    @classmethod
+    def plan_step(cls, costs: Any, algorithms: list[str]) -> list[tuple[str, float]]:
+        """Predicted seconds per training step, as ``(label, seconds)`` rows, for ``mpiml.plan``.
+
+        ``costs`` is a ``mpiml.plan.StepCosts``: ``costs.compute`` (forward + backward), ``costs.nbytes``
+        (the model's gradients), and primitives priced on the planned cluster: ``allreduce(nbytes,
+        algorithm)``, ``overlapped(algorithm, bucket_bytes)``, ``exchange(nbytes, partner)``, ``alltoall(nbytes,
+        reduce)`` and ``convert(nbytes)``. ``algorithms``: the exact algorithms being compared. A strategy
+        that returns no rows is left out of the plan."""
+        return []
+
     def __init__(self, algorithm: str, settings: dict[str, Any]) -> None:
         self.algorithm = algorithm  # the exact collective this strategy uses wherever it needs one
         self.settings = {k: settings.get(k, o.default) for k, o in _all_options().items()}

@@ -34,6 +34,16 @@ class ButterflyMixing(Strategy):
     replicas_differ = True
     state = PER_RANK
 
+    @classmethod
+    def plan_step(cls, costs: Any, algorithms: list[str]) -> list[tuple[str, float]]:
+        """One whole-model exchange with the stage's partner per step, averaged over the L stages."""
+        p = costs.layout.size
+        stages = mixing.stages(p)
+        if not stages:
+            return [("butterfly-mixing", costs.compute)]
+        each = [costs.exchange(costs.nbytes, lambda r, s=s: mixing.partner_for_step(r, p, s)) for s in range(stages)]
+        return [("butterfly-mixing", costs.compute + sum(each) / stages)]
+
     def __init__(self, algorithm: str, settings: dict[str, Any]) -> None:
         super().__init__(algorithm, settings)
         self.scratch: list[np.ndarray] = []

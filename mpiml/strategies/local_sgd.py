@@ -42,6 +42,11 @@ class LocalSGD(Strategy):
     replicas_differ = True
     state = PER_RANK
 
+    @classmethod
+    def plan_step(cls, costs: Any, algorithms: list[str]) -> list[tuple[str, float]]:
+        """One exact allreduce of the parameters every H steps (the ring, as the CLI's default)."""
+        return [(f"local-sgd H={h} ring", costs.compute + costs.allreduce(costs.nbytes, "ring") / h) for h in (4, 16)]
+
     def __init__(self, algorithm: str, settings: dict[str, Any]) -> None:
         super().__init__(algorithm, settings)
         self.every = int(self.settings["average_every"])

@@ -36,6 +36,11 @@ class ParameterServerStrategy(Strategy):
     nan_scope = "local"
     checkpoints = False
 
+    @classmethod
+    def plan_step(cls, costs: Any, algorithms: list[str]) -> list[tuple[str, float]]:
+        """Push each server its shard of the gradient, then pull every shard of the parameters."""
+        return [("ps", costs.compute + costs.alltoall(costs.nbytes, True) + costs.alltoall(costs.nbytes, False))]
+
     def __init__(self, algorithm: str, settings: dict[str, Any]) -> None:
         super().__init__(algorithm, settings)
         self.server: Any = None

@@ -64,6 +64,17 @@ class Synchronous(Strategy):
                          "check_consistency_every"})
     state = REPLICATED
 
+    @classmethod
+    def plan_step(cls, costs: Any, algorithms: list[str]) -> list[tuple[str, float]]:
+        """Gradients combined after backward, or in buckets during it, or at 16 bits on the wire."""
+        rows = []
+        for a in algorithms:
+            rows.append((f"sync {a}", costs.compute + costs.allreduce(costs.nbytes, a)))
+            rows.append((f"sync {a} overlap", costs.overlapped(a, DEFAULT_BUCKET_BYTES)))
+            rows.append((f"sync {a} fp16", costs.compute + costs.convert(costs.nbytes)
+                         + costs.allreduce(costs.nbytes // 2, a)))
+        return rows
+
     def __init__(self, algorithm: str, settings: dict[str, Any]) -> None:
         super().__init__(algorithm, settings)
         self.engine: GradientBuckets | None = None

@@ -61,6 +61,11 @@ class ShardedState(Strategy):
                          "check_consistency_every"})
     state = SHARDED
 
+    @classmethod
+    def plan_step(cls, costs: Any, algorithms: list[str]) -> list[tuple[str, float]]:
+        """Reduce-scatter of gradients plus all-gather of parameters: a ring allreduce's bytes and messages."""
+        return [("zero ring", costs.compute + costs.allreduce(costs.nbytes, "ring"))]
+
     def __init__(self, algorithm: str, settings: dict[str, Any]) -> None:
         super().__init__(algorithm, settings)
         self.comm: Any = None
