@@ -12,9 +12,11 @@ What is measured, and what each gives (all ranks take part; rank 0 fits and save
 - **reductions**: ``gamma`` is the time per byte of mpiml's own reduction (``Reduction.combine``) of
   256 KiB chunks into a 16 MiB buffer, one rank alone; the same with every rank of a host at once
   gives ``beta_mem`` (the host's memory bus), or 0 where that was not measurably slower;
-- **allreduce runs**: ``overhead``, the CPU time mpiml's executor spends per schedule step beyond the
-  message itself, is fitted from small ring and butterfly allreduces: (measured - replayed with no
-  overhead) / steps, the median over sizes and algorithms.
+- **allreduce runs**: ``call``, the front door's cost per call (agreement check, dispatch), is what a
+  4 KiB ``mpi`` allreduce through ``mpiml.collectives.allreduce`` takes beyond its replay;
+  ``overhead``, the CPU time mpiml's executor spends per schedule step beyond the message itself, is
+  fitted from small ring and butterfly allreduces: (measured - replayed with no overhead) / steps, the
+  median over sizes and algorithms.
 
 The fitted ``Machine`` is saved in the calibration file, beside ``auto``'s tables (``models``, keyed
 by layout like the tables), where ``python -m mpiml.plan`` and ``auto`` find it.
@@ -140,6 +142,10 @@ def _fit(data: MPI.Comm, comm: MPI.Comm) -> tuple[plan.Machine, plan.Layout, dic
     notes.update(reduce_alone_s_per_byte=alone, reduce_together_s_per_byte=together)
     # the executor's overhead per step, from small allreduces
     layout = plan.Layout(hosts, per_host) if topo.uniform else plan.Layout(1, p)
+    # the front door's cost per call: the library's own Allreduce of 4 KiB through it, less its replay
+    x = np.random.default_rng(data.Get_rank()).standard_normal(1024).astype(np.float32)
+    bare = replace(m, overhead=0.0, call=0.0)
+    m = replace(m, call=max(0.0, _time_allreduce(x, "mpi", comm) - plan.allreduce_time(4096, "mpi", layout, bare)))
     zero = replace(m, overhead=0.0)
     residuals = []
     for size in OVERHEAD_SIZES:
@@ -162,16 +168,16 @@ def _steps(algorithm: str, n: int, p: int) -> int:
 
 
 def _time_allreduce(x: np.ndarray, algorithm: str, comm: MPI.Comm, seconds: float = 0.2) -> float:
-    buf = x.copy()
+    buf = x.copy()  # (max, not sum: the same buffer reduced again and again stays finite)
     for _ in range(5):
-        allreduce(buf, algorithm=algorithm, comm=comm)
+        allreduce(buf, op="max", algorithm=algorithm, comm=comm)
     samples = []
     for _ in range(5):
         comm.Barrier()
         reps = 50
         start = time.perf_counter()
         for _ in range(reps):
-            allreduce(buf, algorithm=algorithm, comm=comm)
+            allreduce(buf, op="max", algorithm=algorithm, comm=comm)
         samples.append(comm.allreduce((time.perf_counter() - start) / reps, op=MPI.MAX))
     return statistics.median(samples)
 

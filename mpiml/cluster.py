@@ -342,20 +342,14 @@ def expected_link_bytes(algorithm: str, n: int, itemsize: int, hosts: int, per_h
         algorithm = auto.network_choice(n * itemsize, hosts, per_host)
     if p == 1 or hosts == 1:
         return 0
-    if algorithm == "ring":
-        model = _cross_host_bytes(lambda r: ring._allreduce_schedule(n, itemsize, p, r, ring.CHUNK_BYTES,
-                                                                     ring.WINDOW, ring.DEPTH), p, host_of, itemsize)
-    elif algorithm == "tree":
-        model = _cross_host_bytes(lambda r: tree._allreduce_schedule(n, itemsize, p, r, tree.CHUNK_BYTES,
-                                                                     tree.DEPTH), p, host_of, itemsize)
-    elif algorithm == "butterfly":
-        model = _cross_host_bytes(lambda r: butterfly._allreduce_schedule(
-            n, itemsize, p, r, butterfly.CHUNK_BYTES, butterfly.SMALL_BYTES, butterfly.DEPTH), p, host_of, itemsize)
+    scheduled = {"ring": ring, "tree": tree, "butterfly": butterfly}
+    if algorithm in scheduled:
+        module = scheduled[algorithm]
+        model = _cross_host_bytes(lambda r: module.allreduce_schedule(n, itemsize, p, r), p, host_of, itemsize)
     elif algorithm == "hier":  # local rank i carries slice i across the hosts, through a ring of ``hosts`` ranks
         bounds = _chunks.chunk_bounds(n, per_host)
         model = sum(_cross_host_bytes(
-            lambda h, m=bounds[i + 1] - bounds[i]: ring._allreduce_schedule(m, itemsize, hosts, h, ring.CHUNK_BYTES,
-                                                                            ring.WINDOW, ring.DEPTH),
+            lambda h, m=bounds[i + 1] - bounds[i]: ring.allreduce_schedule(m, itemsize, hosts, h),
             hosts, lambda h: h, itemsize) for i in range(per_host))
     else:
         return None

@@ -171,7 +171,7 @@ def _wrap(fn: Callable[[str], float], text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .bench import human, parse_size
+    from .bench import parse_size
     parser = _parser()
     args = parser.parse_args(argv)
     if args.hosts < 1 or args.ranks_per_host < 1:
@@ -194,6 +194,16 @@ def main(argv: list[str] | None = None) -> int:
         m = replace(m, alpha=args.latency)
     if layout.per_host == 1 or layout.hosts == 1:
         algorithms = [a for a in algorithms if a != "hier"] or algorithms
+    try:
+        return _plan(args, layout, m, source, algorithms, sizes)
+    except PlanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _plan(args: argparse.Namespace, layout: Layout, m: Machine, source: str, algorithms: list[str],
+          sizes: list[int]) -> int:
+    from .bench import human
     started = time.perf_counter()
     print(f"# mpiml.plan: {args.hosts} hosts x {args.ranks_per_host} ranks = {layout.size}; link "
           f"{8 / m.beta / 1e9:.3g} Gbit/s, {m.alpha * 1e6:.3g} us per message; model from {source}")

@@ -90,7 +90,7 @@ def cells(out: str) -> list[dict]:
         if model is None:
             print(f"# no model for {rate} (run --calibrate): skipped")
             continue
-        model = replace(model, cores=os.cpu_count() or 1)
+        model = replace(model, cores=os.cpu_count() or 1)  # the emulated hosts share this machine's cores
         for layout in LAYOUTS:
             try:
                 with open(os.path.join(out, f"allreduce-{layout}-{rate}.json")) as f:
@@ -130,8 +130,9 @@ def summary(rows: list[dict]) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["layout"], r["rate"], r["size"]), []).append(r)
-    agree = sum(1 for g in groups.values()
-                if min(g, key=lambda r: r["measured_s"])["algorithm"] == min(g, key=lambda r: r["predicted_s"])["algorithm"])
+    def fastest(g: list[dict], key: str) -> str:
+        return min(g, key=lambda r: r[key])["algorithm"]
+    agree = sum(1 for g in groups.values() if fastest(g, "measured_s") == fastest(g, "predicted_s"))
     # the model "names the fastest" also when its pick measured within 5% of the fastest (a tie on the machine)
     near = sum(1 for g in groups.values()
                if min(g, key=lambda r: r["predicted_s"])["measured_s"] <= 1.05 * min(r["measured_s"] for r in g))

@@ -196,3 +196,48 @@ def test_link_cost_model_from_the_schedules():
     assert cluster.expected_link_bytes("tree", n, item, 1, 4) == 0  # one host: nothing crosses
     assert cluster.expected_link_bytes("mpi", n, item, 4, 1) is None  # the library's messages are unseen
     assert cluster.expected_link_bytes("auto", n, item, 2, 2) == hier
+
+
+_PLAN_CHECK = """
+import json, os, sys, time
+import numpy as np
+from dataclasses import replace
+from mpi4py import MPI
+from mpiml import calibrate, plan
+from mpiml.collectives import allreduce
+from mpiml.collectives._schedule import polling
+calibrate.PING_SIZES = (8, 64 << 10, 1 << 20, 2 << 20)
+calibrate.OVERHEAD_SIZES = (4 << 10,)
+comm = MPI.COMM_WORLD
+m, layout, _ = calibrate.fit_machine(comm)
+m = replace(m, cores=os.cpu_count())
+rows = []
+x = np.random.default_rng(comm.rank).standard_normal((2 << 20) // 4).astype(np.float32)
+with polling(50e-6):
+    for algorithm in ("ring", "butterfly", "tree"):
+        y = x.copy()
+        allreduce(y, algorithm=algorithm)
+        comm.Barrier()
+        start = time.perf_counter()
+        for _ in range(3):
+            allreduce(y, op="max", algorithm=algorithm)
+        took = comm.allreduce((time.perf_counter() - start) / 3, op=MPI.MAX)
+        rows.append([algorithm, took, plan.allreduce_time(x.nbytes, algorithm, layout, m)])
+if comm.rank == 0:
+    with open(sys.argv[1], "w") as f:
+        json.dump(rows, f)
+"""
+
+
+@needs_root
+def test_the_calibrated_model_predicts_a_link_bound_allreduce(tmp_path):
+    """mpiml.plan's validation on a small case: calibrate on 2 hosts at 100 Mbit/s (where the link, not the
+    shared CPU, decides), then every scheduled algorithm's 2 MiB allreduce is predicted within 25%."""
+    script, out = tmp_path / "check.py", tmp_path / "rows.json"
+    script.write_text(_PLAN_CHECK)
+    run = subprocess.run([sys.executable, "-m", "mpiml.cluster", "--hosts", "2", "--link", "100mbit", "--no-measure",
+                          "--", sys.executable, str(script), str(out)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for algorithm, measured, predicted in json.loads(out.read_text()):
+        assert abs(predicted / measured - 1) <= 0.25, (algorithm, measured, predicted)

@@ -21,8 +21,9 @@ core copying); ``gamma``: seconds per byte reduced by one core;
 ``beta_mem``: seconds per byte on a host's memory bus, shared by its ranks
 (0: no limit); ``overhead``: CPU seconds per schedule step (mpiml's Python
 executor); ``call``: seconds per call at mpiml's front door (the agreement
-check and dispatch, paid by every algorithm, ``mpi`` too); ``cores``: cores shared by *all* ranks (the emulated cluster runs
-every host on one machine; 0 means a core per rank). ``python -m mpiml.bench
+check and dispatch, paid by every algorithm, ``mpi`` too); ``cores``: cores
+shared by *all* ranks (the emulated cluster runs every host on one machine;
+0 means a core per rank). ``python -m mpiml.bench
 calibrate-model`` fits them here and saves them beside ``auto``'s table.
 
 **Speed.** With a core per rank and hosts alike, ring and butterfly are
@@ -109,7 +110,7 @@ class Fold:
 def rotate(layout: Layout) -> Fold | None:
     """Ring: rank r + cL does what rank r does (hosts alike, numbered host by host)."""
     p, L = layout.size, layout.per_host
-    if layout.hosts <= 2:
+    if layout.hosts == 1:
         return None
 
     def image(src: int, dst: int) -> tuple[int, int]:
@@ -121,7 +122,7 @@ def rotate(layout: Layout) -> Fold | None:
 def xor(layout: Layout) -> Fold | None:
     """Butterfly with p and L powers of two: rank r XOR cL does what rank r does."""
     p, L = layout.size, layout.per_host
-    if layout.hosts <= 2 or p & (p - 1) or L & (L - 1):
+    if layout.hosts == 1 or p & (p - 1) or L & (L - 1):
         return None
 
     def image(src: int, dst: int) -> tuple[int, int]:
@@ -135,8 +136,8 @@ class _Replay:
 
     def __init__(self, layout: Layout, m: Machine, itemsize: int) -> None:
         self.layout, self.m, self.itemsize = layout, m, itemsize
-        self.out_free = [0.0] * layout.hosts  # when each host's outgoing link is next free
-        self.in_free = [0.0] * layout.hosts
+        self.outgoing = [0.0] * layout.hosts  # when each host's link is next free, each way
+        self.incoming = [0.0] * layout.hosts
         self.bus_free = [0.0] * layout.hosts
         self.cores = [0.0] * m.cores if m.cores else None
         self.heap: list[tuple[float, int]] = []
@@ -162,11 +163,16 @@ class _Replay:
         if hs == hd:
             return max(t + m.alpha_local + nbytes * m.beta_local, self.bus(hs, t, 2 * nbytes))
         hi = L.host(image_dst)
-        t1 = max(t, self.out_free[hs])
-        self.out_free[hs] = t1 + nbytes * m.beta
-        t2 = max(t1, self.in_free[hi])
-        self.in_free[hi] = t2 + nbytes * m.beta
-        return self.in_free[hi] + m.alpha
+        sent = self.link(self.outgoing, hs, t, nbytes, m.beta)
+        arrived = self.link(self.incoming, hi, sent[0], nbytes, m.beta)
+        return max(sent[1], arrived[1]) + m.alpha
+
+    @staticmethod
+    def link(state: list[float], h: int, t: float, nbytes: int, beta: float) -> tuple[float, float]:
+        """(start, end) of ``nbytes`` through host h's link in one direction, after what it already carries."""
+        start = max(t, state[h])
+        state[h] = start + nbytes * beta
+        return start, state[h]
 
     def run(self, schedules: dict[int, Schedule], fold: Fold | None) -> float:
         """Replay ``schedules`` (rank -> its schedule) from time 0; seconds until the last rank is done."""
@@ -291,6 +297,23 @@ class _TooBig(Exception):
 # ones, extrapolated linearly in the size: in a pipelined schedule each further chunk adds the same time once
 # the pipeline is full, so T(n) is a straight line there (tests/test_plan.py checks it against full replays).
 REPLAY_BUDGET = 150_000
+# ... unless the steps do not shrink with the size (many ranks on one host): then up to this many are replayed.
+MAX_STEPS = 2_000_000
+
+
+def _with_budget(budget: int, run: Callable[[], float]) -> float:
+    """``run()`` with ``REPLAY_BUDGET`` set to ``budget``; with 0, the steps of its first replay instead
+    (how many it would run: the probe that decides between extrapolating and replaying in full)."""
+    global REPLAY_BUDGET
+    saved, REPLAY_BUDGET = REPLAY_BUDGET, budget
+    try:
+        return run()
+    except _TooBig as big:
+        if budget:
+            raise
+        return big.args[0]
+    finally:
+        REPLAY_BUDGET = saved
 
 
 # ---------------------------------------------------------------------------------------- the algorithms
@@ -333,14 +356,23 @@ def _on_each_host(layout: Layout, m: Machine, itemsize: int, schedule_of: Callab
     return replay(one, m, itemsize, lambda i: schedule_of(0, i))
 
 
+def _ring_folds(n: int, itemsize: int, p: int) -> bool:
+    """Whether every rank's ring schedule has the same non-empty slices (segments differ by at most one
+    element, but a piece that is empty on one rank and not on another would break the symmetry)."""
+    pieces = _chunks.num_pieces(-(-n // p), max(1, ring.CHUNK_BYTES // itemsize))
+    return n // p >= pieces
+
+
 def _ring(n: int, itemsize: int, layout: Layout, m: Machine) -> float:
     p = layout.size
-    return replay(layout, m, itemsize, lambda r: ring.allreduce_schedule(n, itemsize, p, r), rotate(layout))
+    fold = rotate(layout) if _ring_folds(n, itemsize, p) else None
+    return replay(layout, m, itemsize, lambda r: ring.allreduce_schedule(n, itemsize, p, r), fold)
 
 
 def _butterfly(n: int, itemsize: int, layout: Layout, m: Machine) -> float:
     p = layout.size
-    return replay(layout, m, itemsize, lambda r: butterfly.allreduce_schedule(n, itemsize, p, r), xor(layout))
+    fold = xor(layout) if n % p == 0 else None  # equal blocks: every rank's pieces alike
+    return replay(layout, m, itemsize, lambda r: butterfly.allreduce_schedule(n, itemsize, p, r), fold)
 
 
 def _tree(n: int, itemsize: int, layout: Layout, m: Machine) -> float:
@@ -364,9 +396,10 @@ def _hier(n: int, itemsize: int, layout: Layout, m: Machine) -> float:
     cross = 0.0
     if H > 1:
         slice_n = bounds[1] - bounds[0]
+        fold = rotate(layout) if _ring_folds(slice_n, itemsize, H) else None
         cross = replay(layout, m, itemsize,
                        lambda r: _remapped(ring.allreduce_schedule(slice_n, itemsize, H, layout.host(r)),
-                                           lambda h, i=r % L: h * L + i), rotate(layout))
+                                           lambda h, i=r % L: h * L + i), fold)
     return reduce_s + cross + copy_s + barriers
 
 
@@ -387,7 +420,8 @@ def _mpi(n: int, itemsize: int, layout: Layout, m: Machine) -> float:
     m = replace(m, overhead=0.0)  # the library's own loop: no Python per step
     if H == 1 or L == 1:
         p = layout.size
-        return replay(layout, m, itemsize, lambda r: _mpich_schedule(n, itemsize, p, r), xor(layout))
+        fold = xor(layout) if n % p == 0 else None
+        return replay(layout, m, itemsize, lambda r: _mpich_schedule(n, itemsize, p, r), fold)
     up = _on_each_host(layout, m, itemsize, lambda h, i: Schedule(
         [s._replace(send_to=s.send_to + h * L if s.send_to >= 0 else -1,
                     recv_from=s.recv_from + h * L if s.recv_from >= 0 else -1) for s in _binomial(n, L, i, True)], 1))
@@ -428,10 +462,13 @@ def _predicted(algorithm: str, n: int, itemsize: int, layout: Layout, m: Machine
     except _TooBig as big:
         fits = int(n * REPLAY_BUDGET / big.args[0] * 0.9)
         n2 = 1 << (fits.bit_length() - 1) if fits > 0 else 0  # a power of two: larger sizes share the two replays
-        if n2 < 1024:  # even a small message has too many steps: the rank count, not the size, is the problem
-            raise PlanError(f"{algorithm} on {layout.hosts} hosts x {layout.per_host} ranks: about {big.args[0]} "
-                            f"schedule steps to replay even for small messages; fewer ranks per host, or more "
-                            f"hosts, can be planned") from None
+        if n2 < 1024 or _with_budget(0, lambda: PLANNED[algorithm](n2, itemsize, layout, m)) > REPLAY_BUDGET:
+            # a smaller message has as many steps: the rank count, not the size, makes them; replay them all
+            if big.args[0] > MAX_STEPS:
+                raise PlanError(f"{algorithm} on {layout.hosts} hosts x {layout.per_host} ranks: about "
+                                f"{big.args[0]} schedule steps to replay (at most {MAX_STEPS}); fewer ranks per "
+                                f"host, or more hosts, can be planned") from None
+            return _with_budget(MAX_STEPS, lambda: PLANNED[algorithm](n, itemsize, layout, m))
         n1 = n2 * 3 // 5
         t2, t1 = _predicted(algorithm, n2, itemsize, layout, m), _predicted(algorithm, n1, itemsize, layout, m)
         return t2 + (n - n2) * (t2 - t1) / (n2 - n1)
