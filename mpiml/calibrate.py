@@ -16,7 +16,9 @@ What is measured, and what each gives (all ranks take part; rank 0 fits and save
   4 KiB ``mpi`` allreduce through ``mpiml.collectives.allreduce`` takes beyond its replay;
   ``overhead``, the CPU time mpiml's executor spends per schedule step beyond the message itself, is
   fitted from small ring and butterfly allreduces: (measured - replayed with no overhead) / steps, the
-  median over sizes and algorithms.
+  median over sizes and algorithms. Where the job has more ranks on this physical machine than it has
+  cores (the emulated cluster), both are divided by the ranks per core: the model multiplies them back
+  for a layout as crowded (``Machine.sharing``), and predicts a real cluster from the uncrowded values.
 
 The fitted ``Machine`` is saved in the calibration file, beside ``auto``'s tables (``models``, keyed
 by layout like the tables), where ``python -m mpiml.plan`` and ``auto`` find it.
@@ -38,6 +40,8 @@ from mpi4py import MPI
 from . import plan
 from .collectives import allreduce, auto, hier, private_comm
 from .collectives._buffers import reduction
+from .collectives._schedule import polling
+from .strategies.synchronous import NETWORK_POLL_SECONDS
 
 __all__ = ["fit_machine", "save_model", "ping_pong"]
 
@@ -116,6 +120,7 @@ def _fit(data: MPI.Comm, comm: MPI.Comm) -> tuple[plan.Machine, plan.Layout, dic
     hosts = topo.hosts
     per_host = topo.local_size if topo.uniform else 1
     host_of = data.allgather(platform.node())
+    same_machine = data.allgather(_machine_id()).count(_machine_id())  # ranks on this physical machine
     m = plan.DEFAULT_MACHINE
     notes: dict[str, Any] = {"hosts": hosts, "per_host": per_host, "ranks": p}
     remote = next((r for r in range(p) if host_of[r] != host_of[0]), None)
@@ -143,22 +148,37 @@ def _fit(data: MPI.Comm, comm: MPI.Comm) -> tuple[plan.Machine, plan.Layout, dic
     # the executor's overhead per step, from small allreduces
     layout = plan.Layout(hosts, per_host) if topo.uniform else plan.Layout(1, p)
     # the front door's cost per call: the library's own Allreduce of 4 KiB through it, less its replay
+    # (waiting as DistributedOptimizer waits: across hosts it tests and sleeps instead of spinning)
+    poll = NETWORK_POLL_SECONDS if hosts > 1 else 0.0
     x = np.random.default_rng(data.Get_rank()).standard_normal(1024).astype(np.float32)
     bare = replace(m, overhead=0.0, call=0.0)
-    m = replace(m, call=max(0.0, _time_allreduce(x, "mpi", comm) - plan.allreduce_time(4096, "mpi", layout, bare)))
+    took = _time_allreduce(x, "mpi", comm, poll)
+    m = replace(m, call=max(0.0, took - plan.allreduce_time(4096, "mpi", layout, bare)))
     zero = replace(m, overhead=0.0)
     residuals = []
     for size in OVERHEAD_SIZES:
         x = np.random.default_rng(data.Get_rank()).standard_normal(size // 4).astype(np.float32)
         for algorithm in ("ring", "butterfly"):
-            measured = _time_allreduce(x, algorithm, comm)
+            measured = _time_allreduce(x, algorithm, comm, poll)
             predicted = plan.allreduce_time(size, algorithm, layout, zero)
             steps = _steps(algorithm, size // 4, p)
             residuals.append(max(0.0, (measured - predicted) / steps))
-    m = replace(m, overhead=statistics.median(residuals))
-    notes["overhead_residuals_s"] = residuals
+    # On a machine with more ranks than cores (an emulated cluster, an oversubscribed host) software time
+    # is mostly waiting to be scheduled: saved per rank with a core of its own (plan scales it back).
+    shared = max(1.0, same_machine / (os.cpu_count() or 1))
+    m = replace(m, overhead=statistics.median(residuals) / shared, call=m.call / shared)
+    notes.update(overhead_residuals_s=residuals, ranks_per_core=shared)
     m = data.bcast(m, root=0)
     return m, layout, notes
+
+
+def _machine_id() -> str:
+    """This physical machine, also inside the emulated cluster's namespaces (they share the kernel)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return platform.node()
 
 
 def _steps(algorithm: str, n: int, p: int) -> int:
@@ -167,7 +187,12 @@ def _steps(algorithm: str, n: int, p: int) -> int:
     return max(len(module.allreduce_schedule(n, 4, p, r)) for r in range(p))
 
 
-def _time_allreduce(x: np.ndarray, algorithm: str, comm: MPI.Comm, seconds: float = 0.2) -> float:
+def _time_allreduce(x: np.ndarray, algorithm: str, comm: MPI.Comm, poll: float) -> float:
+    with polling(poll):
+        return _timed(x, algorithm, comm)
+
+
+def _timed(x: np.ndarray, algorithm: str, comm: MPI.Comm) -> float:
     buf = x.copy()  # (max, not sum: the same buffer reduced again and again stays finite)
     for _ in range(5):
         allreduce(buf, op="max", algorithm=algorithm, comm=comm)

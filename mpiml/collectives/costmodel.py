@@ -19,11 +19,12 @@ per byte on a host's link (each direction; a host's ranks share it);
 ``alpha_local``/``beta_local``: the same for a message inside a host (one
 core copying); ``gamma``: seconds per byte reduced by one core;
 ``beta_mem``: seconds per byte on a host's memory bus, shared by its ranks
-(0: no limit); ``overhead``: CPU seconds per schedule step (mpiml's Python
-executor); ``call``: seconds per call at mpiml's front door (the agreement
+(0: no limit); ``overhead``: seconds per schedule step (mpiml's Python
+executor: posting, waiting, bookkeeping); ``call``: seconds per call at mpiml's front door (the agreement
 check and dispatch, paid by every algorithm, ``mpi`` too); ``cores``: cores
 shared by *all* ranks (the emulated cluster runs every host on one machine;
-0 means a core per rank). ``python -m mpiml.bench
+0 means a core per rank): reductions then queue for a core, and ``overhead``
+and ``call`` grow with the ranks per core (``Machine.sharing``). ``python -m mpiml.bench
 calibrate-model`` fits them here and saves them beside ``auto``'s table.
 
 **Speed.** With a core per rank and hosts alike, ring and butterfly are
@@ -55,16 +56,23 @@ __all__ = ["Machine", "Layout", "allreduce_time", "replay", "PLANNED", "DEFAULT_
 class Machine:
     """The cost model's parameters (seconds, bytes); see the module docstring."""
 
-    alpha: float = 60e-6
-    beta: float = 8 / 0.96e9
-    alpha_local: float = 4e-6
-    beta_local: float = 1 / 4.0e9
-    gamma: float = 1 / 3.0e9
+    # Defaults: this project's 2-core VM, fitted by calibrate-model on 2026-12-01 (docs/scaling-model.md):
+    # the network from its emulated cluster's 1 Gbit/s links, the rest from 2 ranks on the VM itself.
+    alpha: float = 22e-6
+    beta: float = 8.42e-9
+    alpha_local: float = 2.4e-6
+    beta_local: float = 6.2e-11
+    gamma: float = 9.6e-11
     beta_mem: float = 0.0
-    overhead: float = 4e-6
-    call: float = 10e-6
+    overhead: float = 13e-6
+    call: float = 12e-6
     cores: int = 0
     eager_bytes: int = 64 << 10
+
+    def sharing(self, ranks: int) -> float:
+        """How many ranks share a core (at least 1): the factor on per-step and per-call software time,
+        which on an oversubscribed machine is mostly waiting to be scheduled."""
+        return max(1.0, ranks / self.cores) if self.cores else 1.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,8 +86,7 @@ class Machine:
         return cls(**data)
 
 
-# Built in: this project's 2-core VM (one host) and its emulated cluster's veth links, as fitted by
-# `calibrate-model` (README, "The cost model"); a calibration file's model replaces it.
+# Built in (the defaults above); a calibration file's model replaces it.
 DEFAULT_MACHINE = Machine()
 
 
@@ -193,7 +200,8 @@ class _Replay:
         transfer, cpu, bus = self.transfer, self.cpu, self.bus
         push, pop = heapq.heappush, heapq.heappop
         heap = [(0.0, i) for i in range(len(ranks))]
-        gamma, overhead, eager_bytes, mem = m.gamma, m.overhead, m.eager_bytes, bool(m.beta_mem)
+        gamma, eager_bytes, mem = m.gamma, m.eager_bytes, bool(m.beta_mem)
+        overhead = m.overhead * m.sharing(self.layout.size)
         end = 0.0
 
         def done(i: int, j: int, t: float) -> None:
@@ -213,7 +221,7 @@ class _Replay:
             if kr < count and posted[i] > kr and need[i][kr] == 0 and fin[i][kr] <= t:  # step kr done: finish it
                 s = steps[kr]
                 reduced = (s.recv_hi - s.recv_lo) * size if s.mode & REDUCE and s.recv_from >= 0 else 0
-                t2 = cpu(t, overhead + reduced * gamma)
+                t2 = cpu(t, reduced * gamma) + overhead
                 if reduced and mem:
                     t2 = max(t2, bus(hosts[i], t, 3 * reduced))
                 k[i] = kr = kr + 1
@@ -452,7 +460,7 @@ def allreduce_time(nbytes: int, algorithm: str, layout: Layout, m: Machine, item
         return min(allreduce_time(nbytes, a, layout, m, itemsize) for a in candidates(layout))
     if algorithm not in PLANNED:
         raise PlanError(f"no cost model for algorithm {algorithm!r}; planned: {', '.join(PLANNED)}")
-    return m.call + _predicted(algorithm, max(1, nbytes // itemsize), itemsize, layout, m)
+    return m.call * m.sharing(layout.size) + _predicted(algorithm, max(1, nbytes // itemsize), itemsize, layout, m)
 
 
 @lru_cache(maxsize=4096)
