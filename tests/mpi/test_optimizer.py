@@ -1,5 +1,7 @@
 """DistributedOptimizer and the broadcast helpers, as a user's own script would use them."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -184,7 +186,9 @@ def test_many_overlapped_steps_keep_replicas_identical():
     model, x, y = model_and_data(seed=comm.rank)
     opt = mpiml.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), model,
                                      bucket_bytes=64, overlap=True)
-    for _ in range(400):
+    # More ranks than cores shuffle the threads' timing by themselves (and each step costs 10x): fewer steps.
+    steps = 400 if comm.size <= (os.cpu_count() or 1) else 100
+    for _ in range(steps):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
