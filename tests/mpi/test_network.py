@@ -43,6 +43,37 @@ def test_auto_across_hosts_takes_the_network_rule(world):
 
 
 @pytest.mark.mpi(min_size=2)
+def test_auto_across_hosts_predicts_its_table_from_a_calibrated_model(world, rng, tmp_path_factory, monkeypatch):
+    """No measured table for the layout, but a model fitted across hosts: auto replays the algorithms for
+    this layout and takes the predicted-fastest (the same rows on every rank); results stay exact."""
+    from mpiml.collectives import costmodel
+    machine = costmodel.Machine(alpha=30e-6, beta=8 / 10e9)  # a 10 Gbit/s network
+    path = world.bcast(str(tmp_path_factory.mktemp("model") / "cal.json") if world.rank == 0 else None)
+    if world.rank == 0:
+        import json
+        with open(path, "w") as f:
+            json.dump({"tables": {}, "models": {"2x1": machine.to_json()}}, f)
+    world.Barrier()
+    monkeypatch.setenv("MPIML_CALIBRATION", path)
+    comm = fake_hosts(world, 2)
+    known = auto._choice(collectives.private_comm(comm))
+    if world.size % 2 == 0:
+        assert known.source == "model"
+        assert known.rows == costmodel.model_rows(costmodel.Layout(2, world.size // 2), machine)
+    else:  # hosts of unequal sizes: no layout to replay, the network rule
+        assert known.source == "network" and known.rows is None
+    assert same_on_all_ranks(comm, repr(known.rows).encode())
+    for n in (1000, 700001):
+        values = rng.standard_normal(n).astype(np.float32)
+        x = values.copy()
+        collectives.allreduce(x, algorithm="auto", comm=comm)
+        want = values.copy()
+        comm.Allreduce(MPI.IN_PLACE, want, MPI.SUM)
+        assert np.allclose(x, want, rtol=1e-5, atol=1e-6)
+    comm.Free()
+
+
+@pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("n", [1001, 300001])
 def test_auto_across_hosts_matches_mpi(world, rng, n):
     comm = fake_hosts(world, 2)
