@@ -35,7 +35,7 @@ from .collectives.costmodel import (
     PlanError,
     allreduce_time,
     candidates,
-    replay,
+    replay_or_refuse,
     rotate,
     xor,
 )
@@ -78,7 +78,7 @@ class StepCosts:
         def schedule(r: int) -> Schedule:
             q = partner(r)
             return Schedule([] if q is None else [Step(q, 0, n, q, 0, n, REDUCE | FINAL)], 1)
-        return replay(layout, self.m, self.itemsize, schedule, xor(layout))
+        return replay_or_refuse(layout, self.m, self.itemsize, schedule, xor(layout), "an exchange")
 
     def alltoall(self, nbytes: int, reduce: bool) -> float:
         """Every rank sends 1/K of ``nbytes`` to every other (a parameter server's pushes or pulls)."""
@@ -88,7 +88,7 @@ class StepCosts:
         def schedule(r: int) -> Schedule:
             return Schedule([Step((r + i) % p, 0, n, (r - i) % p, 0, n, REDUCE if reduce else 0)
                              for i in range(1, p)], 2)
-        return replay(layout, self.m, self.itemsize, schedule, rotate(layout))
+        return replay_or_refuse(layout, self.m, self.itemsize, schedule, rotate(layout), "an all-to-all")
 
     def convert(self, nbytes: int) -> float:
         """Compressing to 16 bits and back: two passes over the buffer at one core's copy speed."""

@@ -70,17 +70,17 @@ def _npy(array, shape=None):
     (["--data", "{tmp}/zipped.npz"], "compressed and cannot be memory-mapped"),
     (["--data", "{tmp}/labels_9.npz", "--classes", "4"], "out of range for --classes 4"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--dataset", "synthetic", "--samples", "2"], "3 ranks but only"),
+    (["--dataset", "synthetic", "--samples", "1"], "2 ranks but only"),
     (["--resume"], "--resume needs --checkpoint-dir"),
     (["--seed", "-1"], "--seed must be an integer from 0 to"),
-    (["--fault", "hang:3:5"], "--fault: there is no rank 3 in a job of 3 ranks"),
+    (["--fault", "hang:2:5"], "--fault: there is no rank 2 in a job of 2 ranks"),
     (["--data", "{tmp}/nan.npz"], "nan.npz: X row 77 holds NaN or Inf"),
     (["--data", "{tmp}/short.npz"], "short.npz: member X.npy is damaged"),
     (["--timeline", "{tmp}"], "is a directory; give a file name"),
 ])
 def test_bad_input_ends_every_rank_with_one_message(data_files, args, message):
     args = [a.replace("{tmp}", str(data_files)) for a in args]
-    out = launch(["-m", "mpiml.train", "--epochs", "1"] + args, ranks=3, timeout=60)
+    out = launch(["-m", "mpiml.train", "--epochs", "1"] + args, ranks=2, timeout=60)
     assert out.returncode == 2
     assert out.stderr.count(message) == 1, out.stderr  # once (rank 0), not once per rank
     assert "Traceback" not in out.stderr

@@ -139,10 +139,20 @@ def test_plan_cli_prints_every_algorithm_and_strategy():
     (["--algorithms", "ring,star"], "star"),
     (["--compute-ms", "-1"], "--compute-ms"),
 ])
-def test_plan_cli_refuses_bad_input(args, message):
-    out = subprocess.run([sys.executable, "-m", "mpiml.plan", *args], capture_output=True, text=True, cwd=ROOT,
-                         timeout=60)
-    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+def test_plan_cli_refuses_bad_input(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        plan.main(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_plan_cli_names_a_layout_too_large_to_replay(capsys, monkeypatch):
+    monkeypatch.setattr(costmodel, "REPLAY_BUDGET", 1000)
+    monkeypatch.setattr(costmodel, "MAX_STEPS", 2000)
+    costmodel._predicted.cache_clear()
+    assert plan.main(["--hosts", "1", "--ranks-per-host", "64", "--algorithms", "ring", "--model-bytes", "1M"]) == 2
+    costmodel._predicted.cache_clear()
+    err = capsys.readouterr().err
+    assert err.startswith("error: ring on 1 hosts x 64 ranks") and "Traceback" not in err
 
 
 def _calibration(tmp_path, monkeypatch, content):

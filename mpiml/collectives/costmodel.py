@@ -49,7 +49,7 @@ from . import _chunks, butterfly, ring, tree
 from ._schedule import FINAL, REDUCE, Schedule, Step
 
 __all__ = ["Machine", "Layout", "allreduce_time", "replay", "PLANNED", "DEFAULT_MACHINE", "model_rows", "PlanError",
-           "candidates", "Fold", "rotate", "xor"]
+           "candidates", "Fold", "rotate", "xor", "replay_or_refuse"]
 
 
 @dataclass(frozen=True)
@@ -291,6 +291,17 @@ def replay(layout: Layout, m: Machine, itemsize: int, schedule_of: Callable[[int
     if len(first) * len(chosen) > REPLAY_BUDGET:
         raise _TooBig(len(first) * len(chosen))
     return _Replay(layout, m, itemsize).run({r: first if r == chosen[0] else schedule_of(r) for r in chosen}, fold)
+
+
+def replay_or_refuse(layout: Layout, m: Machine, itemsize: int, schedule_of: Callable[[int], Schedule],
+                     fold: Fold | None = None, what: str = "schedule") -> float:
+    """``replay`` with up to ``MAX_STEPS`` steps (no extrapolation: for patterns whose steps do not shrink
+    with the size, as a strategy's exchanges); a ``PlanError`` naming ``what`` beyond that."""
+    try:
+        return _with_budget(MAX_STEPS, lambda: replay(layout, m, itemsize, schedule_of, fold))
+    except _TooBig as big:
+        raise PlanError(f"{what} on {layout.hosts} hosts x {layout.per_host} ranks: about {big.args[0]} steps to "
+                        f"replay (at most {MAX_STEPS})") from None
 
 
 class PlanError(ValueError):
