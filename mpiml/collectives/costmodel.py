@@ -406,10 +406,10 @@ def _hier(n: int, itemsize: int, layout: Layout, m: Machine) -> float:
         return _ring(n, itemsize, layout, m)
     bounds = _chunks.chunk_bounds(n, L)
     part = (bounds[1] - bounds[0]) * itemsize
-    ranks_busy = L if not m.cores else min(m.cores, layout.size)
-    reduce_s = (L - 1) * part * m.gamma * max(1.0, layout.size / ranks_busy if m.cores else 1.0)
+    crowd = m.sharing(layout.size)  # ranks per core, where cores are shared: each works that much slower
+    reduce_s = (L - 1) * part * m.gamma * crowd
     reduce_s = max(reduce_s, (L + 1) * part * L * m.beta_mem)  # the host's bus: every rank reads L, writes 1
-    copy_s = (L - 1) * part * m.beta_local * max(1.0, layout.size / ranks_busy if m.cores else 1.0)
+    copy_s = (L - 1) * part * m.beta_local * crowd
     copy_s = max(copy_s, 2 * (L - 1) * part * L * m.beta_mem)
     barriers = 3 * m.alpha_local * max(1, (L - 1).bit_length())
     cross = 0.0
