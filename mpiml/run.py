@@ -29,6 +29,14 @@ interpreter (so the ranks use the same environment), and one starting with
 a ``.py`` file is run with it. ``--verbose`` prints the mpiexec command,
 ``--dry-run`` only prints it. Elastic and Gloo options are refused with a
 message: mpiml launches static MPI jobs only.
+
+``--max-restarts N`` relaunches a job that ends abnormally, up to N times,
+as ``torchrun --max-restarts`` does: ``mpiml.train`` with
+``--checkpoint-dir`` is relaunched with ``--resume`` (the newest good
+checkpoint); any other program as it was, with ``MPIML_RESTART_COUNT`` set
+to the attempt's number. Never after a clean exit, bad input (exit status
+2), or Ctrl-C/SIGTERM to the launcher; each restart is printed with its
+cause, and the exit status is the last attempt's.
 """
 
 from __future__ import annotations
@@ -46,7 +54,8 @@ import tempfile
 from typing import NamedTuple
 
 __all__ = ["main", "parse_args", "detect_flavor", "build_command", "parse_hosts", "read_hostfile", "LaunchError",
-           "NUMBER_SETTINGS", "setting_value", "check_algorithm", "check_settings"]
+           "NUMBER_SETTINGS", "setting_value", "check_algorithm", "check_settings", "run_with_restarts", "resumed",
+           "describe_status", "NO_RESTART"]
 
 _FORWARDED = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "OMP_NUM_THREADS")
 _ELASTIC = "elastic training is not supported by mpiml.run (it needs Horovod's elastic driver)"
@@ -191,6 +200,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--start-timeout", type=int, help="accepted for compatibility; mpiexec has its own timeouts")
     p.add_argument("--mpi", action="store_true", help="accepted for compatibility: MPI is the only controller")
     p.add_argument("--mpi-args", default="", help="extra arguments for mpiexec, as one string")
+    p.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                   help="relaunch a job that ends abnormally up to N times (mpiml.train with --checkpoint-dir "
+                        "resumes from its newest good checkpoint; other programs see MPIML_RESTART_COUNT)")
     p.add_argument("--mpiexec", help="the mpiexec to use (default: next to this Python, else on PATH)")
     p.add_argument("--verbose", action="store_true", help="print the mpiexec command before running it")
     p.add_argument("--dry-run", action="store_true", help="print the mpiexec command and exit")
@@ -218,6 +230,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.np = slots
     if args.np < 1:
         raise LaunchError(f"-np must be at least 1, got {args.np}")
+    if args.max_restarts < 0:
+        raise LaunchError(f"--max-restarts must be 0 or more, got {args.max_restarts}")
     if slots and args.np > slots and not args.oversubscribe:
         raise LaunchError(f"-np {args.np} is more than the {slots} slots given; add slots or pass --oversubscribe")
     for item in args.env:
@@ -387,17 +401,74 @@ def _check_build(mpiexec: str, flavor: str, version: str) -> int:
     return 0
 
 
+class _Stopped(Exception):
+    """The launcher itself was told to stop (Ctrl-C, SIGTERM): the job is ended, never restarted."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise _Stopped(signum)
+
+
 def _run(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the job once; its exit status. ``_Stopped`` if the launcher was interrupted (the job is ended)."""
     child = subprocess.Popen(cmd, env=env)
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         return child.wait()
-    except KeyboardInterrupt:
-        child.send_signal(signal.SIGINT)
+    except (KeyboardInterrupt, _Stopped) as e:
+        child.send_signal(signal.SIGTERM if isinstance(e, _Stopped) else signal.SIGINT)
         try:
             child.wait(timeout=10)
         except subprocess.TimeoutExpired:
             child.kill()
-        return 130
+        raise _Stopped(e.args[0] if isinstance(e, _Stopped) else signal.SIGINT) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# Exit statuses after which a relaunch cannot help: bad input (mpiml's status 2, argparse's too).
+NO_RESTART = (0, 2)
+
+
+def describe_status(code: int) -> str:
+    """``exit status 137 (SIGKILL)``: a job's exit status in words (shells report signal N as 128 + N)."""
+    number = -code if code < 0 else code - 128 if 128 < code < 160 else None
+    try:
+        name = signal.Signals(number).name if number else None
+    except ValueError:
+        name = None
+    return f"exit status {code}" + (f" ({name})" if name else "")
+
+
+def resumed(cmd: list[str]) -> list[str]:
+    """``cmd`` as a relaunch runs it: ``mpiml.train`` with a checkpoint directory gets ``--resume``."""
+    if "mpiml.train" not in cmd or "--resume" in cmd:
+        return cmd
+    program = cmd.index("mpiml.train")
+    if any(a == "--checkpoint-dir" or a.startswith("--checkpoint-dir=") for a in cmd[program:]):
+        return cmd + ["--resume"]
+    return cmd
+
+
+def run_with_restarts(cmd: list[str], env: dict[str, str], max_restarts: int) -> int:
+    """Run the job; relaunch it after an abnormal end up to ``max_restarts`` times (never after a clean exit,
+    bad input or the launcher being stopped). Returns the last attempt's exit status."""
+    restarts = 0
+    while True:
+        attempt_env = dict(env, MPIML_RESTART_COUNT=str(restarts))
+        try:
+            code = _run(resumed(cmd) if restarts else cmd, attempt_env)
+        except _Stopped as e:
+            return 130 if e.args[0] == signal.SIGINT else 128 + int(e.args[0])
+        if code in NO_RESTART or restarts >= max_restarts:
+            if code not in NO_RESTART and max_restarts:
+                print(f"mpiml.run: the job ended with {describe_status(code)} after {restarts} restart(s) "
+                      f"(--max-restarts {max_restarts}); giving up", file=sys.stderr, flush=True)
+            return code
+        restarts += 1
+        how = "from its newest good checkpoint" if resumed(cmd) is not cmd else "(the program resumes on its own)"
+        print(f"mpiml.run: the job ended with {describe_status(code)}; restart {restarts} of {max_restarts}, "
+              f"{how}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -408,7 +479,10 @@ def main(argv: list[str] | None = None) -> int:
         flavor, version = detect_flavor(mpiexec)
         if args.check_build:
             return _check_build(mpiexec, flavor, version)
-        cmd, env = build_command(args, mpiexec, flavor, dict(os.environ))
+        environ = dict(os.environ)
+        if args.max_restarts:  # named now, so that Open MPI forwards it (-x) with each attempt's value
+            environ.setdefault("MPIML_RESTART_COUNT", "0")
+        cmd, env = build_command(args, mpiexec, flavor, environ)
         try:
             check_settings(env)
         except ValueError as e:
@@ -419,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verbose or args.dry_run:
             print(f"mpiml.run: {shlex.join(cmd)}", file=sys.stderr, flush=True)
-        return 0 if args.dry_run else _run(cmd, env)
+        return 0 if args.dry_run else run_with_restarts(cmd, env, args.max_restarts)
     finally:
         while _temporary_files:
             os.remove(_temporary_files.pop())

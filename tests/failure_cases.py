@@ -78,7 +78,8 @@ def rank_pids(marker: str, program: bytes = b"mpiml.train") -> list[int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if argv and argv[0].endswith(b"python") and any(marker.encode() in a for a in argv) and program in argv:
+        if (argv and argv[0].endswith(b"python") and any(marker.encode() in a for a in argv) and program in argv
+                and b"mpiml.run" not in argv):  # (not a launcher whose command line names the program)
             pids.append(int(entry))
     return sorted(pids)
 
@@ -110,6 +111,46 @@ def kill_a_rank_mid_training(tmp: str, ranks: int = 3) -> dict:
     time.sleep(0.5)
     return {"returncode": proc.returncode, "seconds": ended, "stderr": err, "stdout": out,
             "left_over": rank_pids(ck), "ranks_seen": len(pids), "checkpoint_dir": ck, "args": args}
+
+
+def kill_ranks_under_restarts(tmp: str, kills: int, ranks: int = 3, seed: int = 0) -> dict:
+    """``python -m mpiml.run --max-restarts kills`` training as ``kill_a_rank_mid_training`` does; SIGKILL a rank
+    chosen at random ``kills`` times, each time once the attempt has written a checkpoint 150 steps past the
+    last kill's (so every attempt makes progress). Returns the launcher's exit status, stderr and the
+    metrics file."""
+    import random
+    pick = random.Random(seed)
+    ck, metrics = os.path.join(tmp, "ck-restarts"), os.path.join(tmp, "restarts.jsonl")
+    args = ["--epochs", "6", "--batch-size", "4", "--checkpoint-dir", ck, "--checkpoint-every", "50"]
+    launcher = [sys.executable, "-m", "mpiml.run", "-np", str(ranks), "--max-restarts", str(kills)]
+    if is_open_mpi():
+        launcher.append("--oversubscribe")
+    cmd = launcher + [sys.executable, "-m", "mpiml.train", "--no-progress", "--metrics", metrics, *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = []
+    for k in range(kills):
+        step = 100 + 150 * k
+        deadline = time.monotonic() + 120
+        while not os.path.exists(os.path.join(ck, f"checkpoint-{step:09d}.pt")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pids = rank_pids(ck)
+        while len(pids) < ranks and time.monotonic() < deadline:  # the attempt's ranks are all up
+            time.sleep(0.05)
+            pids = rank_pids(ck)
+        if not pids:
+            break
+        victim = pick.choice(pids)
+        os.kill(victim, signal.SIGKILL)
+        killed.append(victim)
+        while victim in rank_pids(ck) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return {"returncode": proc.returncode, "stderr": err, "stdout": out, "killed": killed, "metrics": metrics,
+            "args": args}
 
 
 CASES = [

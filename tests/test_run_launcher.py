@@ -1,9 +1,11 @@
 """python -m mpiml.run: horovodrun's flags translated for MPICH's Hydra and for Open MPI, and real launches."""
 
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -179,3 +181,77 @@ def test_the_horovod_style_example_trains_under_the_launcher():
     assert out.returncode == 0, out.stderr
     accuracy = float(out.stdout.strip().rsplit("Accuracy: ", 1)[1].rstrip("%"))
     assert accuracy > 85, out.stdout
+
+
+# ---------------------------------------------------------------- --max-restarts (issue 15)
+
+FLAKY = """
+import os, signal, sys
+log, outcomes = sys.argv[1], sys.argv[2].split(",")
+with open(log, "a") as f:
+    f.write(os.environ.get("MPIML_RESTART_COUNT", "-") + " " + " ".join(sys.argv[3:]) + "\\n")
+with open(log) as f:
+    attempt = len(f.read().splitlines()) - 1
+outcome = outcomes[min(attempt, len(outcomes) - 1)]
+if outcome == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+sys.exit(int(outcome))
+"""
+
+
+def flaky(tmp_path, outcomes, *args):
+    script, log = tmp_path / "flaky.py", tmp_path / "attempts.log"
+    script.write_text(FLAKY)
+    return [sys.executable, str(script), str(log), ",".join(outcomes), *args], log
+
+
+def test_restarts_until_the_job_succeeds_and_says_why(tmp_path, capsys):
+    cmd, log = flaky(tmp_path, ["1", "kill", "0"])
+    assert run.run_with_restarts(cmd, dict(os.environ), 3) == 0
+    err = capsys.readouterr().err
+    assert "the job ended with exit status 1; restart 1 of 3" in err
+    assert "the job ended with exit status -9 (SIGKILL); restart 2 of 3" in err
+    assert err.count("mpiml.run:") == 2
+    assert log.read_text().splitlines() == ["0 ", "1 ", "2 "]  # each attempt sees its restart count
+
+
+def test_gives_up_after_max_restarts_with_the_last_status(tmp_path, capsys):
+    cmd, log = flaky(tmp_path, ["3", "4", "5"])
+    assert run.run_with_restarts(cmd, dict(os.environ), 1) == 4
+    assert len(log.read_text().splitlines()) == 2
+    assert "exit status 4 after 1 restart(s) (--max-restarts 1); giving up" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("outcome", ["0", "2"])
+def test_never_restarts_after_a_clean_exit_or_bad_input(tmp_path, capsys, outcome):
+    cmd, log = flaky(tmp_path, [outcome, "0"])
+    assert run.run_with_restarts(cmd, dict(os.environ), 3) == int(outcome)
+    assert len(log.read_text().splitlines()) == 1 and "mpiml.run:" not in capsys.readouterr().err
+
+
+def test_training_relaunches_resume_from_the_checkpoint_directory():
+    train = [sys.executable, "-m", "mpiml.train", "--epochs", "3", "--checkpoint-dir", "ck"]
+    assert run.resumed(train) == train + ["--resume"]
+    assert run.resumed(train + ["--resume"]) == train + ["--resume"]
+    assert run.resumed([sys.executable, "-m", "mpiml.train", "--epochs", "3"])[-1] == "3"  # nothing to resume from
+    assert run.resumed([sys.executable, "-m", "mpiml.train", "--checkpoint-dir=ck"])[-1] == "--resume"
+    assert run.resumed([sys.executable, "train.py", "--checkpoint-dir", "ck"])[-1] == "ck"  # its own business
+    with pytest.raises(run.LaunchError, match="--max-restarts must be 0 or more"):
+        run.parse_args(["-np", "2", "--max-restarts", "-1", "t.py"])
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, 130)])
+def test_a_stopped_launcher_ends_the_job_without_restarting(tmp_path, signum, status):
+    """SIGTERM (a scheduler ending the job) or Ctrl-C reaches the launcher: the job ends, nothing restarts."""
+    marker, job, launcher = tmp_path / "started", tmp_path / "job.py", tmp_path / "launcher.py"
+    job.write_text(f"import time\nopen({str(marker)!r}, 'a').write('x')\ntime.sleep(60)\n")
+    launcher.write_text("import os, sys\nfrom mpiml import run\n"
+                        f"sys.exit(run.run_with_restarts([sys.executable, {str(job)!r}], dict(os.environ), 3))\n")
+    proc = subprocess.Popen([sys.executable, str(launcher)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == status, err
+    assert marker.read_text() == "x" and "restart" not in err  # started once, never again
