@@ -365,14 +365,15 @@ def _binomial(n: int, L: int, i: int, up: bool) -> list[Step]:
     return steps
 
 
-def _on_each_host(layout: Layout, m: Machine, itemsize: int, schedule_of: Callable[[int, int], Schedule]) -> float:
-    """All hosts run the same intra-host schedule (local rank i: ``schedule_of(h, i)``) at once."""
-    if layout.per_host == 1:
+def _on_each_host(layout: Layout, m: Machine, itemsize: int, steps_of: Callable[[int], list[Step]]) -> float:
+    """All hosts run the same intra-host steps at once (local rank i: ``steps_of(i)``, peers in local ranks)."""
+    L = layout.per_host
+    if L == 1:
         return 0.0
-    one = Layout(1, layout.per_host)
     if m.cores:  # hosts share the cores: replay them all together
-        return replay(layout, m, itemsize, lambda r: schedule_of(layout.host(r), r % layout.per_host))
-    return replay(one, m, itemsize, lambda i: schedule_of(0, i))
+        return replay(layout, m, itemsize, lambda r: _remapped(Schedule(steps_of(r % L), 1),
+                                                               lambda i, first=r - r % L: first + i))
+    return replay(Layout(1, L), m, itemsize, lambda i: Schedule(steps_of(i), 1))
 
 
 def _ring_folds(n: int, itemsize: int, p: int) -> bool:
@@ -441,15 +442,11 @@ def _mpi(n: int, itemsize: int, layout: Layout, m: Machine) -> float:
         p = layout.size
         fold = xor(layout) if n % p == 0 else None
         return replay(layout, m, itemsize, lambda r: _mpich_schedule(n, itemsize, p, r), fold)
-    up = _on_each_host(layout, m, itemsize, lambda h, i: Schedule(
-        [s._replace(send_to=s.send_to + h * L if s.send_to >= 0 else -1,
-                    recv_from=s.recv_from + h * L if s.recv_from >= 0 else -1) for s in _binomial(n, L, i, True)], 1))
+    up = _on_each_host(layout, m, itemsize, lambda i: _binomial(n, L, i, True))
     leaders = replay(layout, m, itemsize, lambda r: _remapped(_mpich_schedule(n, itemsize, H, layout.host(r)),
                                                                lambda h: h * L),
                      ranks=[h * L for h in range(H)])
-    down = _on_each_host(layout, m, itemsize, lambda h, i: Schedule(
-        [s._replace(send_to=s.send_to + h * L if s.send_to >= 0 else -1,
-                    recv_from=s.recv_from + h * L if s.recv_from >= 0 else -1) for s in _binomial(n, L, i, False)], 1))
+    down = _on_each_host(layout, m, itemsize, lambda i: _binomial(n, L, i, False))
     return up + leaders + down
 
 
