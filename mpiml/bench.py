@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -159,18 +158,9 @@ def save_calibration(records: list[dict[str, Any]], ranks: int | str, path: str 
     """Save ``auto``'s table under ``ranks``: a rank count on one host, or ``"HxL"`` across hosts."""
     from .collectives import auto
 
-    path = path or auto.calibration_path()
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        saved = {}
-    saved.setdefault("tables", {})[str(ranks)] = calibration_rows(records)
-    saved.setdefault("measured", {})[str(ranks)] = {"host": platform.node(), "time": time.strftime("%Y-%m-%d %H:%M")}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(saved, f, indent=1)
-    print(f"# auto's table for {ranks} ranks, saved to {path}: {saved['tables'][str(ranks)]}")
+    rows = calibration_rows(records)
+    path = auto.save_entry("tables", str(ranks), rows, "measured", path=path)
+    print(f"# auto's table for {ranks} ranks, saved to {path}: {rows}")
     return path
 
 

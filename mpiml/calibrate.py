@@ -26,7 +26,6 @@ by layout like the tables), where ``python -m mpiml.plan`` and ``auto`` find it.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -209,18 +208,4 @@ def _timed(x: np.ndarray, algorithm: str, comm: MPI.Comm) -> float:
 
 def save_model(m: plan.Machine, key: str, notes: dict[str, Any], path: str | None = None) -> str:
     """Store ``m`` under ``models[key]`` in the calibration file (``auto``'s, unless ``path``)."""
-    path = path or auto.calibration_path()
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        saved = {}
-    if not isinstance(saved, dict):
-        saved = {}
-    saved.setdefault("models", {})[key] = m.to_json()
-    saved.setdefault("model_notes", {})[key] = {"host": platform.node(), "time": time.strftime("%Y-%m-%d %H:%M"),
-                                                **notes}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(saved, f, indent=1)
-    return path
+    return auto.save_entry("models", key, m.to_json(), "model_notes", notes, path)

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import time
 from typing import Any
 
 import numpy as np
@@ -45,7 +47,7 @@ from ._buffers import Reduction
 
 __all__ = ["allreduce", "reduce_scatter", "allgather", "broadcast", "choose", "calibration_path", "DEFAULT_TABLE",
            "network_choice", "layout_key", "NETWORK_SMALL_BYTES", "known_choice", "table_rows",
-           "CALIBRATION_MARGIN", "MARGIN_BYTES", "decide"]
+           "CALIBRATION_MARGIN", "MARGIN_BYTES", "decide", "save_entry"]
 SPECULATIVE: tuple[str, ...] = ()  # its waits do not watch the agreement check (collectives._checked)
 
 # Measured on this project's 2-core VM (MPICH 5.0.2 wheel) with `python -m mpiml.bench allreduce --algorithms
@@ -108,6 +110,28 @@ def layout_key(hosts: int, per_host: int, size: int) -> str:
 def calibration_path() -> str:
     return os.environ.get("MPIML_CALIBRATION") or os.path.join(os.path.expanduser("~"), ".cache", "mpiml",
                                                                "calibration.json")
+
+
+def save_entry(section: str, key: str, value: Any, notes_section: str, notes: dict[str, Any] | None = None,
+               path: str | None = None) -> str:
+    """Store ``value`` as ``section[key]`` of the calibration file (``calibration_path()`` unless ``path``),
+    and where and when it was measured (plus ``notes``) as ``notes_section[key]``; the rest of the file is
+    kept. Returns the file's path."""
+    path = path or calibration_path()
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        saved = {}
+    if not isinstance(saved, dict):
+        saved = {}
+    saved.setdefault(section, {})[key] = value
+    saved.setdefault(notes_section, {})[key] = {"host": platform.node(), "time": time.strftime("%Y-%m-%d %H:%M"),
+                                                **(notes or {})}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(saved, f, indent=1)
+    return path
 
 
 def _valid(rows: Any) -> bool:
