@@ -25,6 +25,17 @@ def fake_hosts(world, hosts):
     return comm
 
 
+def auto_against_mpi(comm, rng, n):
+    """Random values of every rank allreduced by ``auto``, checked against MPI's own Allreduce; the result."""
+    values = rng.standard_normal(n).astype(np.float32)
+    x = values.copy()
+    collectives.allreduce(x, algorithm="auto", comm=comm)
+    want = values.copy()
+    comm.Allreduce(MPI.IN_PLACE, want, MPI.SUM)
+    assert np.allclose(x, want, rtol=1e-5, atol=1e-6)
+    return x
+
+
 @pytest.mark.mpi(min_size=2)
 def test_auto_across_hosts_takes_the_network_rule(world):
     comm = fake_hosts(world, 2)
@@ -64,12 +75,7 @@ def test_auto_across_hosts_predicts_its_table_from_a_calibrated_model(world, rng
         assert known.source == "network" and known.rows is None
     assert same_on_all_ranks(comm, repr(known.rows).encode())
     for n in (1000, 700001):
-        values = rng.standard_normal(n).astype(np.float32)
-        x = values.copy()
-        collectives.allreduce(x, algorithm="auto", comm=comm)
-        want = values.copy()
-        comm.Allreduce(MPI.IN_PLACE, want, MPI.SUM)
-        assert np.allclose(x, want, rtol=1e-5, atol=1e-6)
+        auto_against_mpi(comm, rng, n)
     comm.Free()
 
 
@@ -77,12 +83,7 @@ def test_auto_across_hosts_predicts_its_table_from_a_calibrated_model(world, rng
 @pytest.mark.parametrize("n", [1001, 300001])
 def test_auto_across_hosts_matches_mpi(world, rng, n):
     comm = fake_hosts(world, 2)
-    values = rng.standard_normal(n).astype(np.float32)
-    x = values.copy()
-    collectives.allreduce(x, algorithm="auto", comm=comm)
-    want = values.copy()
-    comm.Allreduce(MPI.IN_PLACE, want, MPI.SUM)
-    assert np.allclose(x, want, rtol=1e-5, atol=1e-6)
+    x = auto_against_mpi(comm, rng, n)
     assert same_on_all_ranks(comm, x.tobytes())
     comm.Free()
 
