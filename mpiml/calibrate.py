@@ -119,7 +119,8 @@ def _fit(data: MPI.Comm, comm: MPI.Comm) -> tuple[plan.Machine, plan.Layout, dic
     hosts = topo.hosts
     per_host = topo.local_size if topo.uniform else 1
     host_of = data.allgather(platform.node())
-    same_machine = data.allgather(_machine_id()).count(_machine_id())  # ranks on this physical machine
+    machine = _machine_id()
+    same_machine = data.allgather(machine).count(machine)  # ranks on this physical machine
     m = plan.DEFAULT_MACHINE
     notes: dict[str, Any] = {"hosts": hosts, "per_host": per_host, "ranks": p}
     remote = next((r for r in range(p) if host_of[r] != host_of[0]), None)
@@ -144,7 +145,6 @@ def _fit(data: MPI.Comm, comm: MPI.Comm) -> tuple[plan.Machine, plan.Layout, dic
     beta_mem = together / (3 * shared) if together > 1.15 * alone and shared > 1 else 0.0
     m = replace(m, gamma=alone, beta_mem=beta_mem)
     notes.update(reduce_alone_s_per_byte=alone, reduce_together_s_per_byte=together)
-    # the executor's overhead per step, from small allreduces
     layout = plan.Layout(hosts, per_host) if topo.uniform else plan.Layout(1, p)
     # the front door's cost per call: the library's own Allreduce of 4 KiB through it, less its replay
     # (waiting as DistributedOptimizer waits: across hosts it tests and sleeps instead of spinning)
@@ -153,6 +153,7 @@ def _fit(data: MPI.Comm, comm: MPI.Comm) -> tuple[plan.Machine, plan.Layout, dic
     bare = replace(m, overhead=0.0, call=0.0)
     took = _time_allreduce(x, "mpi", comm, poll)
     m = replace(m, call=max(0.0, took - plan.allreduce_time(4096, "mpi", layout, bare)))
+    # the executor's overhead per step, from small allreduces
     zero = replace(m, overhead=0.0)
     residuals = []
     for size in OVERHEAD_SIZES:
@@ -164,9 +165,9 @@ def _fit(data: MPI.Comm, comm: MPI.Comm) -> tuple[plan.Machine, plan.Layout, dic
             residuals.append(max(0.0, (measured - predicted) / steps))
     # On a machine with more ranks than cores (an emulated cluster, an oversubscribed host) software time
     # is mostly waiting to be scheduled: saved per rank with a core of its own (plan scales it back).
-    shared = max(1.0, same_machine / (os.cpu_count() or 1))
-    m = replace(m, overhead=statistics.median(residuals) / shared, call=m.call / shared)
-    notes.update(overhead_residuals_s=residuals, ranks_per_core=shared)
+    crowd = max(1.0, same_machine / (os.cpu_count() or 1))
+    m = replace(m, overhead=statistics.median(residuals) / crowd, call=m.call / crowd)
+    notes.update(overhead_residuals_s=residuals, ranks_per_core=crowd)
     m = data.bcast(m, root=0)
     return m, layout, notes
 
