@@ -275,6 +275,15 @@ class Cluster:
 
     # ------------------------------------------------------------------ launching
 
+    def hydra_options(self) -> list[str]:
+        """Hydra's options for these hosts, without ``-hosts`` and ``-n``: the stand-in for ssh, the bridge for
+        Hydra's own traffic, UCX kept on TCP over ``eth0`` (``mpiml.run --mpi-args`` takes them as they are)."""
+        cmd = ["-launcher", "ssh", "-launcher-exec", self.nslaunch, "-iface", self.bridge,
+               "-genv", "UCX_TLS", "tcp,self", "-genv", "UCX_NET_DEVICES", "eth0"]
+        for k, v in self.env().items():
+            cmd += ["-genv", k, v]
+        return cmd
+
     def env(self) -> dict[str, str]:
         """Variables every rank gets: where torch.distributed meets, and the link rate for benchmarks."""
         env = {"MASTER_ADDR": self.addresses[0], "GLOO_SOCKET_IFNAME": "eth0", "MPIML_CLUSTER_HOSTS": str(self.count)}
@@ -294,13 +303,8 @@ class Cluster:
         if mpiexec is None:
             mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
         if mpi == "mpich":
-            cmd = [mpiexec, "-launcher", "ssh", "-launcher-exec", self.nslaunch, "-iface", self.bridge,
-                   "-hosts", ",".join(f"{name}:{c}" for name, c in spec),
-                   "-genv", "UCX_TLS", "tcp,self", "-genv", "UCX_NET_DEVICES",
-                   "eth0"]
-            for k, v in self.env().items():
-                cmd += ["-genv", k, v]
-            return cmd + ["-n", str(n)]
+            hosts = ",".join(f"{name}:{c}" for name, c in spec)
+            return [mpiexec, "-hosts", hosts, *self.hydra_options(), "-n", str(n)]
         if mpi == "openmpi":
             cmd = [mpiexec, "--prtemca", "plm_ssh_agent", self.nslaunch, "--host",
                    ",".join(f"{name}:{c}" for name, c in spec), "--bind-to", "none", "--oversubscribe",

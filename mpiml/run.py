@@ -27,8 +27,8 @@ HOROVOD_* and MPIML_* variable); Hydra passes the whole environment on its
 own. A command starting with ``python``/``python3`` runs under this
 interpreter (so the ranks use the same environment), and one starting with
 a ``.py`` file is run with it. ``--verbose`` prints the mpiexec command,
-``--dry-run`` only prints it. Elastic and Gloo options are refused with a
-message: mpiml launches static MPI jobs only.
+``--dry-run`` only prints it. Gloo and the elastic options other than
+``--min-np`` are refused with a message.
 
 ``--max-restarts N`` relaunches a job that ends abnormally, up to N times,
 as ``torchrun --max-restarts`` does: ``mpiml.train`` with
@@ -37,11 +37,22 @@ checkpoint); any other program as it was, with ``MPIML_RESTART_COUNT`` set
 to the attempt's number. Never after a clean exit, bad input (exit status
 2), or Ctrl-C/SIGTERM to the launcher; each restart is printed with its
 cause, and the exit status is the last attempt's.
+
+``--min-np M`` with a host list (``-H``, ``--hostfile`` or a Slurm
+allocation) continues on fewer hosts: after an abnormal end each host is
+asked to run ``true`` through the launcher; hosts that do not answer within
+``--start-timeout`` seconds (default 30) are dropped, and the job is
+relaunched (resuming, as above) on the rest with as many processes as fit,
+at most ``-np``. Such relaunches do not count against ``--max-restarts``;
+a failure with every host answering is an ordinary restart. Below M
+processes the launcher stops with a message. Elastic growth (``--max-np``,
+host discovery scripts) is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import math
 import os
 import re
@@ -55,14 +66,14 @@ from typing import NamedTuple
 
 __all__ = ["main", "parse_args", "detect_flavor", "build_command", "parse_hosts", "read_hostfile", "LaunchError",
            "NUMBER_SETTINGS", "setting_value", "check_algorithm", "check_settings", "run_with_restarts", "resumed",
-           "describe_status", "NO_RESTART"]
+           "describe_status", "NO_RESTART", "HostPool"]
 
 _FORWARDED = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "OMP_NUM_THREADS")
 _ELASTIC = "elastic training is not supported by mpiml.run (it needs Horovod's elastic driver)"
 _UNSUPPORTED = {
     "gloo": "Gloo is not available: mpiml.run always launches with MPI",
     "jsrun": "jsrun is not supported: mpiml.run launches with mpiexec",
-    "min_np": _ELASTIC, "max_np": _ELASTIC, "host_discovery_script": _ELASTIC, "elastic_timeout": _ELASTIC,
+    "max_np": _ELASTIC, "host_discovery_script": _ELASTIC, "elastic_timeout": _ELASTIC,
     "slots": _ELASTIC + "; give slots in -H host:slots",
     "autotune": "autotuning is not supported by mpiml.run; set --fusion-threshold-mb and --cycle-time-ms",
     "config_file": "--config-file is not supported; pass the options on the command line",
@@ -197,12 +208,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--network-interface", help="network interface for MPI traffic")
     p.add_argument("-p", "--ssh-port", type=int, help="ssh port of the remote hosts (Open MPI)")
     p.add_argument("--output-filename", help="directory for each rank's output (Open MPI)")
-    p.add_argument("--start-timeout", type=int, help="accepted for compatibility; mpiexec has its own timeouts")
+    p.add_argument("--start-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="with --min-np: how long a host may take to answer the launcher before it counts as lost "
+                        "(default 30)")
     p.add_argument("--mpi", action="store_true", help="accepted for compatibility: MPI is the only controller")
     p.add_argument("--mpi-args", default="", help="extra arguments for mpiexec, as one string")
     p.add_argument("--max-restarts", type=int, default=0, metavar="N",
                    help="relaunch a job that ends abnormally up to N times (mpiml.train with --checkpoint-dir "
                         "resumes from its newest good checkpoint; other programs see MPIML_RESTART_COUNT)")
+    p.add_argument("--min-np", type=int, metavar="M",
+                   help="with a host list (-H, --hostfile or a Slurm allocation): after an abnormal end, drop the "
+                        "hosts that no longer answer the launcher and relaunch on the others (resuming, as with "
+                        "--max-restarts) while at least M processes fit on them")
     p.add_argument("--mpiexec", help="the mpiexec to use (default: next to this Python, else on PATH)")
     p.add_argument("--verbose", action="store_true", help="print the mpiexec command before running it")
     p.add_argument("--dry-run", action="store_true", help="print the mpiexec command and exit")
@@ -232,6 +249,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise LaunchError(f"-np must be at least 1, got {args.np}")
     if args.max_restarts < 0:
         raise LaunchError(f"--max-restarts must be 0 or more, got {args.max_restarts}")
+    if args.min_np is not None:
+        if not args.host_list:
+            raise LaunchError("--min-np needs a host list to shrink: give -H, --hostfile or run inside a Slurm "
+                              "allocation")
+        if not 1 <= args.min_np <= args.np:
+            raise LaunchError(f"--min-np must be between 1 and -np ({args.np}), got {args.min_np}")
+    if not math.isfinite(args.start_timeout) or args.start_timeout <= 0:
+        raise LaunchError(f"--start-timeout must be a positive number of seconds, got {args.start_timeout:g}")
     if slots and args.np > slots and not args.oversubscribe:
         raise LaunchError(f"-np {args.np} is more than the {slots} slots given; add slots or pass --oversubscribe")
     for item in args.env:
@@ -450,23 +475,94 @@ def resumed(cmd: list[str]) -> list[str]:
     return cmd
 
 
-def run_with_restarts(cmd: list[str], env: dict[str, str], max_restarts: int) -> int:
-    """Run the job; relaunch it after an abnormal end up to ``max_restarts`` times (never after a clean exit,
-    bad input or the launcher being stopped). Returns the last attempt's exit status."""
-    restarts = 0
-    while True:
-        attempt_env = dict(env, MPIML_RESTART_COUNT=str(restarts))
+class HostPool:
+    """``--min-np``: the hosts a job still has. After an abnormal end every host is asked to run ``true``
+    through the launcher (in parallel, ``timeout`` seconds each); one that does not answer is dropped, and the
+    job is relaunched on the others with as many processes as still fit (at most the original ``-np``)."""
+
+    def __init__(self, args: argparse.Namespace, mpiexec: str, flavor: str, environ: dict[str, str],
+                 timeout: float) -> None:
+        self.args, self.mpiexec, self.flavor, self.environ = args, mpiexec, flavor, environ
+        self.hosts, self.np, self.min_np, self.timeout = list(args.host_list), args.np, args.min_np, timeout
+        self.started = (len(self.hosts), self.np)
+
+    def command(self, program: list[str] | None = None, hosts: list[Host] | None = None,
+                np: int | None = None) -> tuple[list[str], dict[str, str]]:
+        """The job's command line on the hosts left (or ``program`` on ``hosts`` with ``np`` processes)."""
+        args = argparse.Namespace(**vars(self.args))
+        args.host_list, args.np = hosts or self.hosts, np or self.np
+        args.hosts = args.hosts or (None if args.hostfile else ",".join(h.name for h in args.host_list))
+        if program is not None:
+            args.command = program
+        return build_command(args, self.mpiexec, self.flavor, self.environ)
+
+    def answers(self, host: Host) -> bool:
+        """Whether ``host`` runs ``true`` through the launcher within the timeout."""
+        cmd, env = self.command(["true"], [Host(host.name, 1)], 1)
+        probe = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True)
         try:
-            code = _run(resumed(cmd) if restarts else cmd, attempt_env)
+            return probe.wait(timeout=self.timeout) == 0
+        except subprocess.TimeoutExpired:
+            os.killpg(probe.pid, signal.SIGKILL)  # the launcher and whatever it started for the probe
+            probe.wait()
+            return False
+
+    def drop_lost(self) -> list[Host]:
+        """Probe every host; drop (and return) the ones that did not answer, and fit ``np`` to the rest."""
+        with concurrent.futures.ThreadPoolExecutor(len(self.hosts)) as pool:
+            answered = list(pool.map(self.answers, self.hosts))
+        lost = [h for h, ok in zip(self.hosts, answered) if not ok]
+        self.hosts = [h for h, ok in zip(self.hosts, answered) if ok]
+        self.np = min(self.np, sum(h.slots for h in self.hosts))
+        return lost
+
+    def where(self) -> str:
+        return f"{len(self.hosts)} host(s) ({', '.join(h.name for h in self.hosts)}) with {self.np} process(es)"
+
+
+def run_with_restarts(cmd: list[str], env: dict[str, str], max_restarts: int, pool: HostPool | None = None) -> int:
+    """Run the job; relaunch it after an abnormal end up to ``max_restarts`` times (never after a clean exit,
+    bad input or the launcher being stopped). With a ``pool`` (``--min-np``), hosts that no longer answer are
+    dropped first and the job goes on with the others; such relaunches do not count against ``max_restarts``
+    (the hosts bound them), and the job stops when fewer than ``pool.min_np`` processes fit on what is left.
+    Returns the last attempt's exit status."""
+    restarts = attempts = 0
+    while True:
+        if pool is not None:
+            cmd, env = pool.command()
+        attempt_env = dict(env, MPIML_RESTART_COUNT=str(attempts))
+        try:
+            code = _run(resumed(cmd) if attempts else cmd, attempt_env)
         except _Stopped as e:
             return 130 if e.args[0] == signal.SIGINT else 128 + int(e.args[0])
-        if code in NO_RESTART or restarts >= max_restarts:
-            if code not in NO_RESTART and max_restarts:
+        attempts += 1
+        shrunk = pool is not None and pool.started != (len(pool.hosts), pool.np)
+        if code in NO_RESTART:
+            if shrunk:
+                print(f"mpiml.run: the job ended with {describe_status(code)} on {pool.where()}; it started on "
+                      f"{pool.started[0]} host(s) with {pool.started[1]}", file=sys.stderr, flush=True)
+            return code
+        how = ("from its newest good checkpoint" if resumed(cmd) is not cmd
+               else "as it was (the program resumes on its own)")
+        lost = pool.drop_lost() if pool is not None else []
+        if lost:
+            names = ", ".join(h.name for h in lost)
+            if pool.np < pool.min_np or not pool.hosts:
+                print(f"mpiml.run: the job ended with {describe_status(code)}; host(s) {names} did not answer the "
+                      f"launcher within {pool.timeout:g} s, and {pool.np} process(es) fit on the hosts left, fewer "
+                      f"than --min-np {pool.min_np}; stopping", file=sys.stderr, flush=True)
+                return code
+            print(f"mpiml.run: the job ended with {describe_status(code)}; host(s) {names} did not answer the "
+                  f"launcher within {pool.timeout:g} s and are dropped; continuing on {pool.where()} "
+                  f"(--min-np {pool.min_np}), {how}", file=sys.stderr, flush=True)
+            continue
+        if restarts >= max_restarts:
+            if max_restarts:
                 print(f"mpiml.run: the job ended with {describe_status(code)} after {restarts} restart(s) "
                       f"(--max-restarts {max_restarts}); giving up", file=sys.stderr, flush=True)
             return code
         restarts += 1
-        how = "from its newest good checkpoint" if resumed(cmd) is not cmd else "(the program resumes on its own)"
         print(f"mpiml.run: the job ended with {describe_status(code)}; restart {restarts} of {max_restarts}, "
               f"{how}", file=sys.stderr, flush=True)
 
@@ -480,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.check_build:
             return _check_build(mpiexec, flavor, version)
         environ = dict(os.environ)
-        if args.max_restarts:  # named now, so that Open MPI forwards it (-x) with each attempt's value
+        # Named now, so that Open MPI forwards it (-x) with each attempt's value.
+        if args.max_restarts or args.min_np is not None:
             environ.setdefault("MPIML_RESTART_COUNT", "0")
         cmd, env = build_command(args, mpiexec, flavor, environ)
         try:
@@ -493,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verbose or args.dry_run:
             print(f"mpiml.run: {shlex.join(cmd)}", file=sys.stderr, flush=True)
-        return 0 if args.dry_run else run_with_restarts(cmd, env, args.max_restarts)
+        pool = None if args.min_np is None else HostPool(args, mpiexec, flavor, environ, args.start_timeout)
+        return 0 if args.dry_run else run_with_restarts(cmd, env, args.max_restarts, pool)
     finally:
         while _temporary_files:
             os.remove(_temporary_files.pop())

@@ -92,7 +92,10 @@ def test_open_mpi_needs_binding_oversubscription_and_root_permission():
     (["-np", "2", "-H", "a:x", "t.py"], "bad host"),
     (["-np", "2", "--hostfile", "/nonexistent/hosts", "t.py"], "No such file"),
     (["-np", "2", "--gloo", "t.py"], "Gloo"),
-    (["-np", "2", "--min-np", "1", "t.py"], "elastic"),
+    (["-np", "2", "--min-np", "1", "t.py"], "--min-np needs a host list"),
+    (["-H", "a:1,b:1", "--min-np", "3", "t.py"], "between 1 and -np \\(2\\), got 3"),
+    (["-H", "a:1,b:1", "--min-np", "1", "--start-timeout", "0", "t.py"], "--start-timeout must be a positive"),
+    (["-np", "2", "--max-np", "4", "t.py"], "elastic"),
     (["-np", "2", "--host-discovery-script", "d.sh", "t.py"], "elastic"),
     (["-np", "2", "-x", "1BAD", "t.py"], "NAME=VALUE"),
 ])
@@ -255,3 +258,67 @@ def test_a_stopped_launcher_ends_the_job_without_restarting(tmp_path, signum, st
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == status, err
     assert marker.read_text() == "x" and "restart" not in err  # started once, never again
+
+
+# ---------------------------------------------------------------- --min-np: continuing on fewer hosts (issue 15)
+
+# Hydra's stand-in for ssh: runs the command here, unless the host has been marked gone (then it fails, as ssh does
+# for a host that no longer answers).
+LAUNCHER = """#!/bin/sh
+while [ $# -gt 0 ]; do case "$1" in -*) shift ;; *) break ;; esac; done
+host="$1"; shift
+if [ -e "{tmp}/$host.gone" ]; then echo "ssh: connect to host $host: No route to host" >&2; exit 255; fi
+exec sh -c "$*"
+"""
+
+# Each attempt logs its restart count and size; in the first, the rank on node2 takes its host down and dies.
+LOSES_A_HOST = """
+import os, sys
+tmp, rank, size = sys.argv[1], int(os.environ["PMI_RANK"]), int(os.environ["PMI_SIZE"])
+if rank == 0:
+    with open(os.path.join(tmp, "attempts.log"), "a") as f:
+        f.write(f"{os.environ['MPIML_RESTART_COUNT']} {size}\\n")
+if os.environ["MPIML_RESTART_COUNT"] == "0" and rank == size - 1:
+    open(os.path.join(tmp, "node2.gone"), "w").close()
+    sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("min_np, status", [(1, 0), (2, 1)])
+def test_a_host_that_stops_answering_is_dropped_and_the_job_goes_on(tmp_path, capsys, min_np, status):
+    mpiexec = run.find_mpiexec()
+    if run.detect_flavor(mpiexec)[0] != "hydra":
+        pytest.skip("the stand-in for ssh is Hydra's (-launcher-exec)")
+    launcher, job = tmp_path / "launch", tmp_path / "job.py"
+    launcher.write_text(LAUNCHER.format(tmp=tmp_path))
+    launcher.chmod(0o755)
+    job.write_text(LOSES_A_HOST)
+    code = run.main(["-H", "node1:1,node2:1", "--min-np", str(min_np), "--start-timeout", "20",
+                     "--mpi-args", f"-launcher ssh -launcher-exec {launcher}", "python", str(job), str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == status, err[-3000:]
+    if min_np == 1:  # relaunched on node1 alone, not counted as a restart (--max-restarts is 0)
+        assert (tmp_path / "attempts.log").read_text().splitlines() == ["0 2", "1 1"]
+        assert ("the job ended with exit status 1; host(s) node2 did not answer the launcher within 20 s and are "
+                "dropped; continuing on 1 host(s) (node1) with 1 process(es) (--min-np 1)") in err
+        assert "ended with exit status 0 on 1 host(s) (node1) with 1 process(es); it started on 2 host(s)" in err
+    else:
+        assert (tmp_path / "attempts.log").read_text().splitlines() == ["0 2"]
+        assert "1 process(es) fit on the hosts left, fewer than --min-np 2; stopping" in err
+
+
+def test_a_failure_with_every_host_answering_is_an_ordinary_restart(tmp_path, capsys):
+    mpiexec = run.find_mpiexec()
+    if run.detect_flavor(mpiexec)[0] != "hydra":
+        pytest.skip("the stand-in for ssh is Hydra's (-launcher-exec)")
+    cmd, log = flaky(tmp_path, ["1", "0"])
+    launcher = tmp_path / "launch"
+    launcher.write_text(LAUNCHER.format(tmp=tmp_path))
+    launcher.chmod(0o755)
+    hosts = ["-H", "node1:1,node2:1", "-np", "1", "--min-np", "1", "--mpi-args",
+             f"-launcher ssh -launcher-exec {launcher}"]
+    assert run.main([*hosts, *cmd]) == 1  # --max-restarts 0: nothing was lost, so nothing is relaunched
+    assert len(log.read_text().splitlines()) == 1
+    log.unlink()
+    assert run.main([*hosts, "--max-restarts", "1", *cmd]) == 0
+    assert "restart 1 of 1, as it was" in capsys.readouterr().err
