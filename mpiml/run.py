@@ -64,9 +64,11 @@ import sys
 import tempfile
 from typing import NamedTuple
 
+from . import slurm
+
 __all__ = ["main", "parse_args", "detect_flavor", "build_command", "parse_hosts", "read_hostfile", "LaunchError",
            "NUMBER_SETTINGS", "setting_value", "check_algorithm", "check_settings", "run_with_restarts", "resumed",
-           "describe_status", "NO_RESTART", "HostPool"]
+           "describe_status", "NO_RESTART", "HostPool", "slurm_hosts"]
 
 _FORWARDED = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "OMP_NUM_THREADS")
 _ELASTIC = "elastic training is not supported by mpiml.run (it needs Horovod's elastic driver)"
@@ -183,6 +185,17 @@ def read_hostfile(path: str) -> list[Host]:
     return hosts
 
 
+def slurm_hosts(environ: dict[str, str] | os._Environ) -> list[Host]:
+    """The Slurm allocation's hosts and slots (``SLURM_JOB_NODELIST``, ``SLURM_TASKS_PER_NODE``, ...); [] outside
+    one. Used when neither -H nor --hostfile is given: for -np's default and for --min-np. The hosts are not
+    passed to mpiexec until one is dropped: Hydra and Open MPI read the allocation themselves."""
+    try:
+        found = slurm.allocation(environ)
+    except ValueError as e:
+        raise LaunchError(f"cannot read the Slurm allocation: {e}") from None
+    return [Host(name, slots) for name, slots in found or []]
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mpiml.run", allow_abbrev=False,
                                 description="Launch an MPI job the way horovodrun does, through mpiexec.")
@@ -239,7 +252,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         return args
     if not args.command:
         raise LaunchError("no command given: python -m mpiml.run -np N [options] script.py [args]")
-    args.host_list = parse_hosts(args.hosts) if args.hosts else read_hostfile(args.hostfile) if args.hostfile else []
+    args.host_list = (parse_hosts(args.hosts) if args.hosts else read_hostfile(args.hostfile) if args.hostfile
+                      else slurm_hosts(os.environ))
     slots = sum(h.slots for h in args.host_list)
     if args.np is None:
         if not slots:
@@ -258,7 +272,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if not math.isfinite(args.start_timeout) or args.start_timeout <= 0:
         raise LaunchError(f"--start-timeout must be a positive number of seconds, got {args.start_timeout:g}")
     if slots and args.np > slots and not args.oversubscribe:
-        raise LaunchError(f"-np {args.np} is more than the {slots} slots given; add slots or pass --oversubscribe")
+        given = "given" if args.hosts or args.hostfile else "of the Slurm allocation"
+        raise LaunchError(f"-np {args.np} is more than the {slots} slots {given}; add slots or pass --oversubscribe")
     for item in args.env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(=.*)?", item):
             raise LaunchError(f"-x {item!r}: expected NAME or NAME=VALUE")

@@ -6,6 +6,7 @@ the README).
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -151,6 +152,47 @@ def kill_ranks_under_restarts(tmp: str, kills: int, ranks: int = 3, seed: int = 
         out, err = proc.communicate()
     return {"returncode": proc.returncode, "stderr": err, "stdout": out, "killed": killed, "metrics": metrics,
             "args": args}
+
+
+def lose_a_host_under_min_np(tmp: str, epochs: int = 12, timeout: int = 10) -> dict:
+    """``mpiml.run -H h1,h2,h3 --min-np 2`` training on three emulated hosts (root: network namespaces); host 3's
+    link is brought down once epoch 2 is reported. Returns the launcher's exit status, its output (UCX's lines
+    left out), the host names, the metrics file, and the seconds from the cut to the resume and to the end."""
+    from netns import Hosts
+    log, metrics = os.path.join(tmp, "job.log"), os.path.join(tmp, "lost-host.jsonl")
+    train_args = ["--no-progress", "--epochs", str(epochs), "--checkpoint-dir", os.path.join(tmp, "ck-lost"),
+                  "--stall-warning", "3", "--timeout", str(timeout), "--metrics", metrics]
+
+    def output() -> str:
+        with open(log, errors="replace") as f:
+            return "".join(line for line in f if "UCX" not in line)
+
+    with Hosts(3) as hosts, open(log, "w") as sink:
+        cmd = [sys.executable, "-m", "mpiml.run", "-H", ",".join(hosts.names), "--min-np", "2", "--start-timeout",
+               str(timeout), "--mpi-args", shlex.join(hosts.hydra_options()), sys.executable, "-m", "mpiml.train",
+               *train_args]
+        job = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
+        deadline = time.monotonic() + 60
+        while f"epoch   2/{epochs}" not in output() and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.2)
+        if job.poll() is not None or time.monotonic() >= deadline:
+            job.kill()
+            job.wait()
+            raise AssertionError("the job did not reach epoch 2:\n" + output()[-3000:])
+        hosts.cut(3)
+        cut = time.monotonic()
+        resumed = None
+        while job.poll() is None and time.monotonic() < cut + 150:
+            if resumed is None and "resumed from" in output():
+                resumed = time.monotonic() - cut
+            time.sleep(0.2)
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+            raise AssertionError("the job did not end within 150 s of the cut:\n" + output()[-3000:])
+        ended = time.monotonic() - cut
+    return {"returncode": job.returncode, "output": output(), "hosts": hosts.names, "metrics": metrics,
+            "resumed_s": resumed, "ended_s": ended}
 
 
 CASES = [

@@ -111,6 +111,8 @@ def test_training_on_four_shaped_hosts_matches_one_host(tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=ROOT, stdin=subprocess.DEVNULL)
     assert net.returncode == 0, net.stderr[-3000:]
     assert re.search(r"^mpiml.cluster: measured link .* of the configured rate\)$", net.stderr, re.M), net.stderr
+    carried = re.search(r"^mpiml.cluster: the hosts' links carried ([0-9.]+) MB during the job", net.stderr, re.M)
+    assert carried and float(carried.group(1)) > 2, net.stderr[-3000:]  # the gradients really crossed the links
     one = subprocess.run([MPIEXEC, "-n", "4", sys.executable, "-m", "mpiml.train", *args,
                           "--metrics", str(tmp_path / "one.jsonl")],
                          capture_output=True, text=True, timeout=300, cwd=ROOT, stdin=subprocess.DEVNULL)

@@ -322,3 +322,25 @@ def test_a_failure_with_every_host_answering_is_an_ordinary_restart(tmp_path, ca
     log.unlink()
     assert run.main([*hosts, "--max-restarts", "1", *cmd]) == 0
     assert "restart 1 of 1, as it was" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- inside a Slurm allocation (issue 15)
+
+SLURM_JOB = {"SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node[01-02],gpu7", "SLURM_TASKS_PER_NODE": "2(x2),1"}
+
+
+def test_the_slurm_allocation_gives_the_hosts_and_slots(monkeypatch):
+    for name, value in SLURM_JOB.items():
+        monkeypatch.setenv(name, value)
+    args = run.parse_args(["--min-np", "3", "python", "t.py"])
+    assert args.np == 5 and [tuple(h) for h in args.host_list] == [("node01", 2), ("node02", 2), ("gpu7", 1)]
+    for flavor in ("hydra", "openmpi"):  # the launchers read the allocation themselves
+        cmd, _ = command(["t.py"], flavor)
+        assert cmd[1:3] == ["-n", "5"] and not {"-hosts", "-H", "-f", "--hostfile"} & set(cmd)
+    with pytest.raises(run.LaunchError, match="-np 6 is more than the 5 slots of the Slurm allocation"):
+        run.parse_args(["-np", "6", "t.py"])
+    assert [h.name for h in run.parse_args(["-H", "a:1", "t.py"]).host_list] == ["a"]  # -H wins
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "2(x2)")
+    with pytest.raises(run.LaunchError, match="cannot read the Slurm allocation: SLURM_TASKS_PER_NODE='2\\(x2\\)' "
+                                              "gives 2 node\\(s\\) but SLURM_JOB_NODELIST"):
+        run.parse_args(["t.py"])
