@@ -53,13 +53,15 @@ test-wheel: install
 test-slurm: install
 	PYTHON=$(VENV)/bin/python MPIEXEC=$(VENV)/bin/mpiexec scripts/slurm_check.sh
 
-# MPI tests under MPICH at 1, 2, 3, 4 ranks, then the collectives at 8 (oversubscribed on small machines): what
+# MPI tests under MPICH at 1 (not the slow ones), 2, 3, 4 ranks, then the collectives at 8 (oversubscribed on small machines): what
 # changes with the rank count beyond 4 is the algorithms' schedules (butterfly's folding, the trees, hier's hosts).
 MPI_8_RANKS := tests/mpi/test_allreduce.py tests/mpi/test_collectives.py tests/mpi/test_defects_collectives.py \
 	tests/mpi/test_mismatch.py tests/mpi/test_signature_cache.py tests/mpi/test_hier.py tests/mpi/test_cost_model.py \
 	tests/mpi/test_network.py tests/mpi/test_compression_shared.py
 test-mpi: install
-	for n in 1 2 3 4; do \
+	echo "== MPICH, 1 rank (the tests marked slow run from 2 ranks)"
+	timeout $(MPI_TEST_TIMEOUT) $(VENV)/bin/mpiexec -n 1 $(VENV)/bin/python $(PYTEST_MPI) -m "not slow"
+	for n in 2 3 4; do \
 	  echo "== MPICH, $$n ranks"; \
 	  timeout $(MPI_TEST_TIMEOUT) $(VENV)/bin/mpiexec -n $$n $(VENV)/bin/python $(PYTEST_MPI); \
 	done

@@ -154,13 +154,13 @@ def write_script(tmp_path, name, body):
 def test_parameter_server_waiting_for_a_hung_worker_is_watched(staleness):
     """A worker that stops leaves the others waiting in pull(): the watchdog names it and ends the job."""
     args = ["--topology", "ps", "--staleness", staleness, "--epochs", "2", "--fault", "hang:1:8",
-            "--stall-warning", "2", "--timeout", "8"]
+            "--stall-warning", "1", "--timeout", "4"]
     code, _, err, after_warning = run_from(train_cmd(3, *args), "mpiml watchdog: stall:", timeout=180)
     assert code != 0
     assert re.search(r"stall: collective #\d+ \(parameter server pull, step \d+\) has waited \d+ s for rank 1\b",
                      err), err[-3000:]
-    assert "(--timeout 8); aborting the job" in err
-    assert after_warning < 8 - 2 + 10, after_warning  # the warning comes 2 s into the wait, the end by 8 + 10
+    assert "(--timeout 4); aborting the job" in err
+    assert after_warning < 4 - 1 + 10, after_warning  # the warning comes 1 s into the wait, the end by 4 + 10
 
 
 def test_an_exception_on_one_rank_of_a_script_ends_the_job_with_its_traceback(tmp_path):

@@ -151,6 +151,8 @@ def test_multidimensional_and_fortran_order(world, rng):
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_hundred_million_elements(world, algorithm):
+    if world.size == 3:  # what 100M elements test (byte counts past 2^31 bits, big chunks) does not depend on K
+        pytest.skip("run at 2 and 4 ranks; uneven chunks at 3 ranks are tested at smaller sizes")
     n = 100_000_000
     rng = np.random.default_rng(world.rank)
     values = rng.integers(-9, 10, n, dtype=np.int8)

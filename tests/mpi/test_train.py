@@ -48,6 +48,9 @@ def long_run(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.mpi(min_size=1)
+# The exact topologies' results are checked against the library's Allreduce under either MPI (test_allreduce,
+# test_optimizer); how well the trainer learns does not depend on which MPI carried the bytes.
+@pytest.mark.skipif(OPEN_MPI, reason="accuracy is not specific to the MPI implementation: tested under MPICH")
 def test_exact_topologies_reach_95_percent_and_agree(long_run):
     finals = {t: long_run(t) for t in EXACT}
     accuracies = [f["test_accuracy"] for f in finals.values()]
