@@ -506,7 +506,8 @@ class HostPool:
         """The job's command line on the hosts left (or ``program`` on ``hosts`` with ``np`` processes)."""
         args = argparse.Namespace(**vars(self.args))
         args.host_list, args.np = hosts or self.hosts, np or self.np
-        args.hosts = args.hosts or (None if args.hostfile else ",".join(h.name for h in args.host_list))
+        if not (args.hosts or args.hostfile) and args.host_list != self.args.host_list:  # a Slurm allocation, shrunk
+            args.hosts = ",".join(h.name for h in args.host_list)
         if program is not None:
             args.command = program
         return build_command(args, self.mpiexec, self.flavor, self.environ)

@@ -337,6 +337,10 @@ def test_the_slurm_allocation_gives_the_hosts_and_slots(monkeypatch):
     for flavor in ("hydra", "openmpi"):  # the launchers read the allocation themselves
         cmd, _ = command(["t.py"], flavor)
         assert cmd[1:3] == ["-n", "5"] and not {"-hosts", "-H", "-f", "--hostfile"} & set(cmd)
+    pool = run.HostPool(args, "/bin/mpiexec", "hydra", {"PATH": "/usr/bin"}, timeout=5)
+    assert "-hosts" not in pool.command()[0]
+    pool.hosts, pool.np = pool.hosts[1:], 3  # node01 stopped answering: the hosts left are named
+    assert pool.command()[0][1:5] == ["-n", "3", "-hosts", "node02:2,gpu7:1"]
     with pytest.raises(run.LaunchError, match="-np 6 is more than the 5 slots of the Slurm allocation"):
         run.parse_args(["-np", "6", "t.py"])
     assert [h.name for h in run.parse_args(["-H", "a:1", "t.py"]).host_list] == ["a"]  # -H wins
@@ -344,3 +348,19 @@ def test_the_slurm_allocation_gives_the_hosts_and_slots(monkeypatch):
     with pytest.raises(run.LaunchError, match="cannot read the Slurm allocation: SLURM_TASKS_PER_NODE='2\\(x2\\)' "
                                               "gives 2 node\\(s\\) but SLURM_JOB_NODELIST"):
         run.parse_args(["t.py"])
+
+
+@pytest.mark.parametrize("flavor, line", [("hydra", "node2:2"), ("openmpi", "node2 slots=2")])
+def test_a_shrunk_hostfile_job_is_relaunched_with_the_hosts_left(tmp_path, flavor, line):
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text("node1 slots=2\nnode2 slots=2\n")
+    args = run.parse_args(["--hostfile", str(hostfile), "--min-np", "2", "python", "t.py"])
+    pool = run.HostPool(args, "/bin/mpiexec", flavor, {"PATH": "/usr/bin"}, timeout=5)
+    pool.hosts, pool.np = pool.hosts[1:], 2  # what drop_lost leaves after node1 stopped answering
+    try:
+        cmd, _ = pool.command()
+        written = cmd[cmd.index("-f" if flavor == "hydra" else "--hostfile") + 1]
+        assert cmd[1:3] == ["-n", "2"] and open(written).read() == line + "\n"
+    finally:
+        while run._temporary_files:
+            os.remove(run._temporary_files.pop())
