@@ -154,14 +154,14 @@ def kill_ranks_under_restarts(tmp: str, kills: int, ranks: int = 3, seed: int = 
             "args": args}
 
 
-def lose_a_host_under_min_np(tmp: str, epochs: int = 12, timeout: int = 10) -> dict:
+def lose_a_host_under_min_np(tmp: str, epochs: int = 12, timeout: int = 5) -> dict:
     """``mpiml.run -H h1,h2,h3 --min-np 2`` training on three emulated hosts (root: network namespaces); host 3's
     link is brought down once epoch 2 is reported. Returns the launcher's exit status, its output (UCX's lines
     left out), the host names, the metrics file, and the seconds from the cut to the resume and to the end."""
     from netns import Hosts
     log, metrics = os.path.join(tmp, "job.log"), os.path.join(tmp, "lost-host.jsonl")
     train_args = ["--no-progress", "--epochs", str(epochs), "--checkpoint-dir", os.path.join(tmp, "ck-lost"),
-                  "--stall-warning", "3", "--timeout", str(timeout), "--metrics", metrics]
+                  "--stall-warning", "2", "--timeout", str(timeout), "--metrics", metrics]
 
     def output() -> str:
         with open(log, errors="replace") as f:
@@ -192,7 +192,7 @@ def lose_a_host_under_min_np(tmp: str, epochs: int = 12, timeout: int = 10) -> d
             raise AssertionError("the job did not end within 150 s of the cut:\n" + output()[-3000:])
         ended = time.monotonic() - cut
     return {"returncode": job.returncode, "output": output(), "hosts": hosts.names, "metrics": metrics,
-            "resumed_s": resumed, "ended_s": ended}
+            "resumed_s": resumed, "ended_s": ended, "timeout": timeout}
 
 
 CASES = [

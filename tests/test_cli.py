@@ -13,7 +13,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from mpiml.train import Config, run
+from mpiml.train import Config, main, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -60,18 +60,33 @@ def _npy(array, shape=None):
     return buf.getvalue() + array.tobytes()
 
 
+# Refused while the command line is read, the same way on every rank before any rank reads data: checked in this
+# process. How a job of several ranks ends with one such message is what the cases below check at 2 ranks.
 @pytest.mark.parametrize("args, message", [
     (["--topology", "rign"], "invalid choice: 'rign'"),
     (["--model", "resnet"], "invalid choice: 'resnet'"),
     (["--dataset", "mnist"], "invalid choice: 'mnist'"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--resume"], "--resume needs --checkpoint-dir"),
+    (["--seed", "-1"], "--seed must be an integer from 0 to"),
+])
+def test_bad_arguments_are_refused_with_one_message(capsys, args, message):
+    try:
+        code = main(["--epochs", "1", "--no-progress", *args])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count(message) == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--topology", "rign"], "invalid choice: 'rign'"),
     (["--data", "{tmp}/missing.npz"], "no such file or directory"),
     (["--data", "{tmp}/text.npz"], "not a valid .npz"),
     (["--data", "{tmp}/rows.npz"], "X has 100 rows but y has 99"),
     (["--data", "{tmp}/zipped.npz"], "compressed and cannot be memory-mapped"),
     (["--data", "{tmp}/labels_9.npz", "--classes", "4"], "out of range for --classes 4"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--dataset", "synthetic", "--samples", "1"], "2 ranks but only"),
-    (["--resume"], "--resume needs --checkpoint-dir"),
     (["--seed", "-1"], "--seed must be an integer from 0 to"),
     (["--fault", "hang:2:5"], "--fault: there is no rank 2 in a job of 2 ranks"),
     (["--data", "{tmp}/nan.npz"], "nan.npz: X row 77 holds NaN or Inf"),

@@ -61,19 +61,15 @@ def test_sigkill_a_rank_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert result["returncode"] != 0
     assert result["seconds"] < 30, result["stderr"][-2000:]
     assert result["left_over"] == []
+    # What the MPI does when a rank dies is the half above, run under either MPI. The resume is the trainer's and
+    # the relaunch the launcher's, the same under either: under MPICH, nobody types the resume:
+    # python -m mpiml.run --max-restarts relaunches the job with --resume, which must end as an uninterrupted run.
+    if is_open_mpi():
+        return
     whole = str(tmp_path / "whole.jsonl")
     args = [a.replace("ck-kill", "ck-whole") for a in result["args"]]
     done, _ = run(train_cmd(3, *args, "--metrics", whole), timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
-    if is_open_mpi():  # a person types the resume
-        metrics = str(tmp_path / "resumed.jsonl")
-        done, _ = run(train_cmd(3, *result["args"], "--resume", "--metrics", metrics), timeout=180)
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert "resumed from" in done.stdout
-        assert final_sha(metrics) == final_sha(whole)
-        return
-    # Under MPICH nobody types it: python -m mpiml.run --max-restarts relaunches the job with --resume itself.
-    # (What the MPI does when a rank dies is the first half, tested under both; the relaunch is the launcher's.)
     restarted = kill_ranks_under_restarts(str(tmp_path), kills=1)
     assert restarted["returncode"] == 0 and len(restarted["killed"]) == 1, restarted["stderr"][-2000:]
     assert restarted["stderr"].count("restart 1 of 1, from its newest good checkpoint") == 1
