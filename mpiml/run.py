@@ -545,17 +545,14 @@ def run_with_restarts(cmd: list[str], env: dict[str, str], max_restarts: int, po
     Returns the last attempt's exit status."""
     restarts = attempts = 0
     while True:
-        if pool is not None:
-            cmd, env = pool.command()
         attempt_env = dict(env, MPIML_RESTART_COUNT=str(attempts))
         try:
             code = _run(resumed(cmd) if attempts else cmd, attempt_env)
         except _Stopped as e:
             return 130 if e.args[0] == signal.SIGINT else 128 + int(e.args[0])
         attempts += 1
-        shrunk = pool is not None and pool.started != (len(pool.hosts), pool.np)
         if code in NO_RESTART:
-            if shrunk:
+            if pool is not None and pool.started != (len(pool.hosts), pool.np):  # it went on with fewer
                 print(f"mpiml.run: the job ended with {describe_status(code)} on {pool.where()}; it started on "
                       f"{pool.started[0]} host(s) with {pool.started[1]}", file=sys.stderr, flush=True)
             return code
@@ -569,6 +566,7 @@ def run_with_restarts(cmd: list[str], env: dict[str, str], max_restarts: int, po
                       f"launcher within {pool.timeout:g} s, and {pool.np} process(es) fit on the hosts left, fewer "
                       f"than --min-np {pool.min_np}; stopping", file=sys.stderr, flush=True)
                 return code
+            cmd, env = pool.command()  # on the hosts left
             print(f"mpiml.run: the job ended with {describe_status(code)}; host(s) {names} did not answer the "
                   f"launcher within {pool.timeout:g} s and are dropped; continuing on {pool.where()} "
                   f"(--min-np {pool.min_np}), {how}", file=sys.stderr, flush=True)
