@@ -15,7 +15,6 @@ the cut to the resume and to the end, and the accuracy against an uninterrupted 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -23,16 +22,17 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-from failure_cases import kill_ranks_under_restarts, lose_a_host_under_min_np, run, train_cmd  # noqa: E402
+from failure_cases import (  # noqa: E402
+    final_metrics,
+    kill_ranks_under_restarts,
+    lose_a_host_under_min_np,
+    run,
+    train_cmd,
+)
 
 
 def final_sha(path: str) -> str:
-    return final(path)["params_sha256"]
-
-
-def final(path: str) -> dict:
-    with open(path) as f:
-        return json.loads(f.read().splitlines()[-1])
+    return final_metrics(path)["params_sha256"]
 
 
 def lose_host() -> int:
@@ -46,7 +46,7 @@ def lose_host() -> int:
         if lost["returncode"] != 0 or done.returncode != 0:
             print(f"failed: launcher exit status {lost['returncode']}, uninterrupted run {done.returncode}")
             return 1
-        shrunk, uninterrupted = final(lost["metrics"]), final(whole)
+        shrunk, uninterrupted = final_metrics(lost["metrics"]), final_metrics(whole)
         gap = 100 * (shrunk["test_accuracy"] - uninterrupted["test_accuracy"])
         print(f"cut -> resumed on {shrunk['ranks']} ranks: {lost['resumed_s']:.1f} s; cut -> end: "
               f"{lost['ended_s']:.1f} s; uninterrupted run (3 ranks, one machine): {whole_s:.1f} s\n"

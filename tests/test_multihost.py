@@ -6,12 +6,11 @@ Needs root and iproute2 (CI has both). MPICH only: its Hydra launcher takes a st
 (a stand-in for ssh written by mpiml.cluster); see README, Failures, for Open MPI.
 """
 
-import json
 import os
 import subprocess
 import sys
 
-from failure_cases import lose_a_host_under_min_np, train_cmd
+from failure_cases import final_metrics, lose_a_host_under_min_np, train_cmd
 from netns import Hosts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,18 +21,13 @@ def train(hosts, ranks, args, spec=None, timeout=180):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-def final(path):
-    with open(path) as f:
-        return json.loads(f.read().splitlines()[-1])
-
-
 def test_hier_with_two_ranks_on_each_of_two_hosts(tmp_path):
     with Hosts(2) as hosts:
         spec = ",".join(f"{name}:2" for name in hosts.names)
         done = train(hosts, 4, ["--epochs", "2", "--topology", "hier", "--metrics", str(tmp_path / "h.jsonl")],
                      spec=spec)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert final(tmp_path / "h.jsonl")["ranks_consistent"]
+    assert final_metrics(tmp_path / "h.jsonl")["ranks_consistent"]
 
 
 def test_a_lost_host_is_dropped_and_training_finishes_on_the_others(tmp_path):
@@ -51,7 +45,7 @@ def test_a_lost_host_is_dropped_and_training_finishes_on_the_others(tmp_path):
     whole = subprocess.run(train_cmd(3, "--epochs", "12", "--metrics", str(tmp_path / "whole.jsonl")),
                            capture_output=True, text=True, timeout=180, cwd=ROOT, stdin=subprocess.DEVNULL)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    shrunk, uninterrupted = final(lost["metrics"]), final(tmp_path / "whole.jsonl")
+    shrunk, uninterrupted = final_metrics(lost["metrics"]), final_metrics(tmp_path / "whole.jsonl")
     assert shrunk["ranks"] == 2 and shrunk["ranks_consistent"]
     assert abs(shrunk["test_accuracy"] - uninterrupted["test_accuracy"]) <= 0.005, (shrunk, uninterrupted)
 
@@ -61,4 +55,4 @@ def test_parameter_server_across_hosts(tmp_path):
         done = train(hosts, 3, ["--epochs", "2", "--topology", "ps", "--staleness", "inf",
                                 "--metrics", str(tmp_path / "ps.jsonl")])
     assert done.returncode == 0, done.stderr[-3000:]
-    assert final(tmp_path / "ps.jsonl")["ranks_consistent"]
+    assert final_metrics(tmp_path / "ps.jsonl")["ranks_consistent"]
