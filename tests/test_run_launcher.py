@@ -284,17 +284,23 @@ if os.environ["MPIML_RESTART_COUNT"] == "0" and rank == size - 1:
 """
 
 
-@pytest.mark.parametrize("min_np, status", [(1, 0), (2, 1)])
-def test_a_host_that_stops_answering_is_dropped_and_the_job_goes_on(tmp_path, capsys, min_np, status):
-    mpiexec = run.find_mpiexec()
-    if run.detect_flavor(mpiexec)[0] != "hydra":
+@pytest.fixture
+def two_hosts(tmp_path):
+    """mpiml.run's options for hosts node1 and node2, reached through the stand-in for ssh (Hydra only)."""
+    if run.detect_flavor(run.find_mpiexec())[0] != "hydra":
         pytest.skip("the stand-in for ssh is Hydra's (-launcher-exec)")
-    launcher, job = tmp_path / "launch", tmp_path / "job.py"
+    launcher = tmp_path / "launch"
     launcher.write_text(LAUNCHER.format(tmp=tmp_path))
     launcher.chmod(0o755)
+    return ["-H", "node1:1,node2:1", "--mpi-args", f"-launcher ssh -launcher-exec {launcher}"]
+
+
+@pytest.mark.parametrize("min_np, status", [(1, 0), (2, 1)])
+def test_a_host_that_stops_answering_is_dropped_and_the_job_goes_on(tmp_path, capsys, two_hosts, min_np, status):
+    job = tmp_path / "job.py"
     job.write_text(LOSES_A_HOST)
-    code = run.main(["-H", "node1:1,node2:1", "--min-np", str(min_np), "--start-timeout", "20",
-                     "--mpi-args", f"-launcher ssh -launcher-exec {launcher}", "python", str(job), str(tmp_path)])
+    code = run.main([*two_hosts, "--min-np", str(min_np), "--start-timeout", "20", "python", str(job),
+                     str(tmp_path)])
     err = capsys.readouterr().err
     assert code == status, err[-3000:]
     if min_np == 1:  # relaunched on node1 alone, not counted as a restart (--max-restarts is 0)
@@ -307,16 +313,9 @@ def test_a_host_that_stops_answering_is_dropped_and_the_job_goes_on(tmp_path, ca
         assert "1 process(es) fit on the hosts left, fewer than --min-np 2; stopping" in err
 
 
-def test_a_failure_with_every_host_answering_is_an_ordinary_restart(tmp_path, capsys):
-    mpiexec = run.find_mpiexec()
-    if run.detect_flavor(mpiexec)[0] != "hydra":
-        pytest.skip("the stand-in for ssh is Hydra's (-launcher-exec)")
+def test_a_failure_with_every_host_answering_is_an_ordinary_restart(tmp_path, capsys, two_hosts):
     cmd, log = flaky(tmp_path, ["1", "0"])
-    launcher = tmp_path / "launch"
-    launcher.write_text(LAUNCHER.format(tmp=tmp_path))
-    launcher.chmod(0o755)
-    hosts = ["-H", "node1:1,node2:1", "-np", "1", "--min-np", "1", "--mpi-args",
-             f"-launcher ssh -launcher-exec {launcher}"]
+    hosts = [*two_hosts, "-np", "1", "--min-np", "1"]
     assert run.main([*hosts, *cmd]) == 1  # --max-restarts 0: nothing was lost, so nothing is relaunched
     assert len(log.read_text().splitlines()) == 1
     log.unlink()
